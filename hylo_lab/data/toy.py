@@ -1,0 +1,489 @@
+"""The toy world: a generated corpus, a locally trained tokenizer and a ladder of small teachers, all offline.
+
+No checkpoint can be downloaded here, so the project trains its own teachers (issue 6):
+- corpus: `toy_corpus.toy_corpus`, a templated English-like corpus over a fixed world of facts;
+- tokenizer: byte-level BPE (1024 tokens, digits split one by one, the 256 bytes in the alphabet so nothing
+  is ever <unk>), trained on the corpus plus the raw text of NIAH samples from `tasks.py` (see
+  `train_tokenizer` for the two-pass build);
+- teachers: `TEACHERS`, Llama models at three sizes and one Qwen3, trained from scratch on packed corpus text
+  mixed with the eight RULER NIAH tasks at up to `TOY_TRAIN_LEN` tokens (`train_teacher`);
+- `get_toy_world` builds all of it under a cache folder keyed by a hash of the settings and reuses it;
+- `teacher_report` measures what the teachers must show: NIAH accuracy and held-out perplexity vs unigram.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .toy_corpus import heldout_seed, toy_corpus, vocabulary
+
+TOY_WORLD_VERSION = 1
+TOY_TRAIN_LEN = 256
+# A training row holds a prompt of up to seq_len tokens plus its answer (<= 48 tokens for every NIAH task).
+ANSWER_ROOM = 48
+SPECIAL_TOKENS = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+HAYSTACKS = ("noise", "essay")
+
+_LLAMA = dict(model_type="llama", vocab_size=1024, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu",
+              rope_theta=10000.0, max_position_embeddings=TOY_TRAIN_LEN, initializer_range=0.02)
+# The teacher ladder: GQA everywhere (num_key_value_heads < num_attention_heads) so MLA and GDN upcycling
+# have KV heads to compress and repeat. vocab_size is overwritten with the tokenizer's length.
+TEACHERS: dict[str, dict] = {
+    "llama-xs": dict(_LLAMA, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16),
+    "llama-s": dict(_LLAMA, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32),
+    "llama-m": dict(_LLAMA, hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
+                    num_key_value_heads=2, head_dim=32),
+    "qwen3-s": dict(_LLAMA, model_type="qwen3", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6),
+}
+# How each teacher is trained by default (steps x batch_size rows of TOY_TRAIN_LEN + ANSWER_ROOM tokens).
+TEACHER_TRAINING: dict[str, dict] = {
+    "llama-xs": dict(steps=400, batch_size=16, lr=3e-3),
+    "llama-s": dict(steps=500, batch_size=16, lr=2e-3),
+    "llama-m": dict(steps=600, batch_size=16, lr=1.5e-3),
+    "qwen3-s": dict(steps=500, batch_size=16, lr=2e-3),
+}
+# quick=True (CI): the same code path with every teacher shrunk to this and trained for a few steps.
+QUICK_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16)
+QUICK_TRAINING = dict(steps=12, batch_size=4, lr=3e-3)
+CORPUS_DOCS = dict(full=(12000, 500), quick=(600, 60))  # (train, held-out) documents
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corpus and tokenizer
+
+
+def write_corpus(path: Path, docs: list[str]) -> None:
+    """One document per block, blocks separated by a blank line (documents contain single newlines only)."""
+    Path(path).write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+
+
+def read_corpus(path: Path) -> list[str]:
+    return [d for d in Path(path).read_text(encoding="utf-8").split("\n\n") if d.strip()]
+
+
+def _bpe_tokenizer(texts, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits first (each its own pre-token, so "4711" is always 4 tokens), then GPT-2 byte-level splitting:
+    # lossless on any text, and the 256-byte alphabet means no <unk> is ever needed.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1024, *, task_text: bool = True):
+    """Byte-level BPE over `texts` -> PreTrainedTokenizerFast (bos <s>, eos </s>, pad <pad>; no automatic bos).
+
+    task_text: also train on `tasks.tokenizer_corpus()` (every template, haystack and key/value kind of the
+    long-context tasks), repeated to about a quarter of the training text: evaluation prompts are all task
+    text, so haystacks and needles should tokenize as compactly as the corpus. The words of the corpus
+    vocabulary are added once as well, so rare ones still get merges.
+    """
+    base = list(texts) + [" ".join(vocabulary())]
+    if task_text:
+        from . import tasks
+
+        lines = tasks.tokenizer_corpus()
+        repeat = max(1, round(sum(map(len, base)) / 3 / max(1, sum(map(len, lines)))))
+        base += lines * repeat
+    return _bpe_tokenizer(base, vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teachers
+
+
+def teacher_config(name: str, *, vocab_size: int = 1024, quick: bool = False, seq_len: int = TOY_TRAIN_LEN):
+    """The transformers config of teacher `name` (quick: the shrunken CI shape of the same architecture)."""
+    from transformers import AutoConfig
+
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; known: {', '.join(TEACHERS)}")
+    kwargs = dict(TEACHERS[name], vocab_size=vocab_size, max_position_embeddings=seq_len)
+    if quick:
+        kwargs.update(QUICK_SHAPE)
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0  # SPECIAL_TOKENS order
+    return config
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+class TeacherBatches:
+    """Batches of training rows, each either packed corpus text or one NIAH sample.
+
+    Every batch draws one prompt length L (seq_len with probability 1/4, else uniform in [min_len, seq_len]);
+    its rows are L + ANSWER_ROOM tokens. A NIAH row is a sample of L tokens (random task, haystack and
+    depth), its answer (`tasks.oracle_answer`: " a, b, c", then eos) and corpus text to fill the row.
+    Targets are the next tokens; answer targets weigh `answer_weight`, all others 1.
+    """
+
+    def __init__(self, tokenizer, corpus_ids: torch.Tensor, *, seq_len: int, niah_fraction: float,
+                 answer_weight: float, seed: int, min_len: int = 64, prompt_weight: float = 1.0, niah_tasks=None):
+        from . import tasks
+
+        self.tasks, self.tokenizer, self.ids = tasks, tokenizer, corpus_ids
+        self.niah_tasks = tuple(niah_tasks or tasks.NIAH_TASKS)
+        # Shortest prompt each task fits in (over a few seeds, plus slack for long uuids).
+        self.task_min = {t: max(tasks.min_length(t, tokenizer, seed=s) for s in range(3)) + 8 for t in self.niah_tasks}
+        self.seq_len = seq_len
+        self.min_len = min(max(min_len, min(self.task_min.values())), seq_len)
+        self.niah_fraction, self.answer_weight, self.prompt_weight = niah_fraction, answer_weight, prompt_weight
+        self.rng = random.Random(f"teacher-batches-{seed}")
+        self.sample_seed = 10_000_000 * (seed + 1)  # far from the evaluation seeds (0, 1, ...)
+
+    def corpus_window(self, n: int) -> list[int]:
+        start = self.rng.randrange(0, len(self.ids) - n)
+        return self.ids[start:start + n].tolist()
+
+    def niah_row(self, length: int, row_len: int):
+        task = self.rng.choice([t for t in self.niah_tasks if self.task_min[t] <= length] or self.niah_tasks[:1])
+        for _ in range(20):  # a few seeds' uuids tokenize too long for the shortest lengths: draw again
+            self.sample_seed += 1
+            try:
+                sample = self.tasks.generate_sample(task, self.tokenizer, length, seed=self.sample_seed,
+                                                    haystack=self.rng.choice(HAYSTACKS), depth=self.rng.random())
+                break
+            except ValueError:
+                continue
+        else:
+            raise ValueError(f"cannot fit {task} into {length} tokens; raise min_len")
+        answer = self.tokenizer.encode(self.tasks.oracle_answer(sample), add_special_tokens=False)
+        answer.append(self.tokenizer.eos_token_id)
+        row = list(sample.input_ids) + answer
+        weights = [self.prompt_weight] * (len(sample.input_ids) - 1) + [self.answer_weight] * len(answer)
+        fill = row_len + 1 - len(row)
+        row += self.corpus_window(fill) if fill > 0 else []
+        weights += [1.0] * max(fill, 0)
+        return row[: row_len + 1], weights[:row_len]
+
+    def __call__(self, batch_size: int):
+        """-> inputs [B, L + ANSWER_ROOM], targets (inputs shifted by one), weights (float, same shape)."""
+        length = self.seq_len if self.rng.random() < 0.25 else self.rng.randint(self.min_len, self.seq_len)
+        row_len = length + ANSWER_ROOM
+        rows, weights = [], []
+        for _ in range(batch_size):
+            if self.rng.random() < self.niah_fraction:
+                row, w = self.niah_row(length, row_len)
+            else:
+                row, w = self.corpus_window(row_len + 1), [1.0] * row_len
+            rows.append(row)
+            weights.append(w)
+        rows = torch.tensor(rows)
+        return rows[:, :-1], rows[:, 1:], torch.tensor(weights)
+
+
+def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = None, quick: bool = False,
+                  steps: int | None = None, seq_len: int = TOY_TRAIN_LEN, batch_size: int | None = None,
+                  lr: float | None = None, warmup: float = 0.05, weight_decay: float = 0.1, clip: float = 1.0,
+                  niah_fraction: float = 0.6, answer_weight: float = 3.0, prompt_weight: float = 1.0,
+                  min_len: int = 64, niah_tasks=None, seed: int = 0, device: str = "auto", bf16: bool | None = None,
+                  callback=None, progress: bool = True):
+    """Train teacher `name` from scratch: AdamW, cosine schedule with linear warmup, grad clipping.
+
+    Data: `TeacherBatches` (packed corpus + NIAH rows). Loss: next-token cross entropy, answer tokens
+    up-weighted; bf16 autocast on CUDA by default. Without `tokenizer` / `train_texts` the toy world's (built
+    if needed, no teachers) are used.
+    Returns the model in eval mode on CPU; `model.train_log` holds the loss per step, tokens and seconds.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    if tokenizer is None or train_texts is None:
+        world = get_toy_world(teachers=(), quick=quick, seed=seed, progress=progress)
+        tokenizer = tokenizer or world.tokenizer()
+        train_texts = train_texts if train_texts is not None else read_corpus(world.corpus_train)
+    defaults = QUICK_TRAINING if quick else TEACHER_TRAINING[name]
+    steps, batch_size, lr = steps or defaults["steps"], batch_size or defaults["batch_size"], lr or defaults["lr"]
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    config = teacher_config(name, vocab_size=len(tokenizer), quick=quick, seq_len=seq_len)
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    eos = tokenizer.eos_token_id
+    corpus_ids = torch.tensor([t for doc in train_texts for t in tokenizer.encode(doc) + [eos]])
+    batches = TeacherBatches(tokenizer, corpus_ids, seq_len=seq_len, niah_fraction=niah_fraction,
+                             answer_weight=answer_weight, prompt_weight=prompt_weight, min_len=min_len,
+                             niah_tasks=niah_tasks, seed=seed)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay,
+                                  weight_decay=0.0)], lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    warmup_steps = max(1, int(warmup * steps))
+
+    def lr_at(step):  # linear warmup, cosine to 10% of lr
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    log = dict(loss=[], tokens=0, seconds=0.0, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"teacher {name}", disable=not progress, mininterval=1.0)
+    for step in bar:
+        inputs, targets, weights = (t.to(device) for t in batches(batch_size))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with autocast:
+            logits = model(input_ids=inputs).logits
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        loss = (ce * weights.flatten()).sum() / weights.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        log["loss"].append(loss.item())
+        log["tokens"] += inputs.numel()
+        if callback is not None:
+            callback(step, model, log["loss"][-1])
+        if progress:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{log['loss'][-1]:.3f}", tok_s=f"{log['tokens'] / elapsed:.0f}", refresh=False)
+    log["seconds"] = time.perf_counter() - start
+    model.eval().to("cpu")
+    model.train_log = log
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cached toy world
+
+
+@dataclass
+class ToyWorld:
+    """Paths of a built toy world. Load with `tokenizer()`, `teacher(name)`; each teacher dir also holds
+    the tokenizer, so `AutoModelForCausalLM.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)` work."""
+
+    root: Path
+    tokenizer_dir: Path
+    corpus_train: Path
+    corpus_heldout: Path
+    teacher_dirs: dict[str, Path] = field(default_factory=dict)
+    seq_len: int = TOY_TRAIN_LEN
+    quick: bool = False
+    seed: int = 0
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir)
+
+    def teacher(self, name: str = "llama-s", **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.teacher_dirs[name], **kwargs).eval()
+
+    def teacher_info(self, name: str = "llama-s") -> dict:
+        """What `done.json` recorded when the teacher was trained (settings, seconds, losses)."""
+        return json.loads((self.teacher_dirs[name] / "done.json").read_text())
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("HYLO_LAB_HOME") or Path.home() / ".cache" / "hylo_lab")
+
+
+def _source_hash(*modules: str) -> str:
+    """Hash of the data-generating sources: changing a template or a task invalidates the cached world."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for m in modules:
+        path = here / f"{m}.py"
+        h.update(path.read_bytes() if path.exists() else b"missing")
+    return h.hexdigest()[:12]
+
+
+def _key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _build(final: Path, build_fn, progress: bool) -> None:
+    """Build into a temporary sibling, write done.json last, then move it into place.
+
+    A folder without done.json (a killed build) is removed and rebuilt; if another process finished the
+    same folder first, its result is kept and ours dropped.
+    """
+    if (final / "done.json").exists():
+        return
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    info = build_fn(tmp)
+    (tmp / "done.json").write_text(json.dumps(info, indent=1))
+    if (final / "done.json").exists():
+        shutil.rmtree(tmp)
+        return
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def get_toy_world(root: str | Path | None = None, *, teachers=("llama-s",), quick: bool = False, seed: int = 0,
+                  progress: bool = True) -> ToyWorld:
+    """Build (or reuse) corpus, tokenizer and the requested teachers under `root` (default `$HYLO_LAB_HOME` or
+    ~/.cache/hylo_lab) in `toy-world-<hash>/`, the hash covering the version, seed, quick and data sources.
+    Teachers live in `teachers/<name>-<hash of config and training settings>/`. quick=True: small corpus
+    and tiny teachers for CI, same code path."""
+    mode = "quick" if quick else "full"
+    world_settings = dict(version=TOY_WORLD_VERSION, seed=seed, quick=quick, docs=CORPUS_DOCS[mode],
+                          vocab_size=1024,
+                          sources=_source_hash("toy_corpus", "tasks"))
+    root = Path(root) if root is not None else default_root()
+    wdir = root / f"toy-world-{mode}-{_key(world_settings)}"
+    world = ToyWorld(root=wdir, tokenizer_dir=wdir / "tokenizer", corpus_train=wdir / "corpus_train.txt",
+                     corpus_heldout=wdir / "corpus_heldout.txt", quick=quick, seed=seed)
+
+    def build_world(tmp: Path) -> dict:
+        t0 = time.perf_counter()
+        num_train, num_heldout = CORPUS_DOCS[mode]
+        train = toy_corpus(num_train, seed=seed)
+        write_corpus(tmp / "corpus_train.txt", train)
+        write_corpus(tmp / "corpus_heldout.txt", toy_corpus(num_heldout, seed=heldout_seed(seed)))
+        tokenizer = train_tokenizer(train, 1024)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        return dict(world_settings, seconds=time.perf_counter() - t0)
+
+    _build(wdir, build_world, progress)
+    for name in teachers:
+        config = teacher_config(name, quick=quick).to_dict()
+        training = QUICK_TRAINING if quick else TEACHER_TRAINING[name]
+        tdir = wdir / "teachers" / f"{name}-{_key(dict(config=config, training=training, seed=seed))}"
+        world.teacher_dirs[name] = tdir
+
+        def build_teacher(tmp: Path, name=name, training=training) -> dict:
+            tokenizer = world.tokenizer()
+            model = train_teacher(name, tokenizer=tokenizer, train_texts=read_corpus(world.corpus_train),
+                                  quick=quick, seed=seed, progress=progress)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            log = model.train_log
+            return dict(name=name, training=training, seed=seed, seconds=log["seconds"], tokens=log["tokens"],
+                        loss_first=log["loss"][0], loss_last=log["loss"][-1], loss=log["loss"])
+
+        tdir.parent.mkdir(parents=True, exist_ok=True)
+        _build(tdir, build_teacher, progress)
+    return world
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Does the teacher work?
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int) -> torch.Tensor:
+    """Prefill the prompt once, then decode greedily with the model's cache. input_ids: [B, T] (no padding).
+    Returns the new tokens [B, <= max_new_tokens]; rows that ended keep emitting eos."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    out = model(input_ids=input_ids, position_ids=torch.arange(T, device=device).expand(B, T), use_cache=True,
+                logits_to_keep=1)
+    past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+    finished = token == eos_token_id
+    new = [token]
+    for i in range(max_new_tokens - 1):
+        if finished.all():
+            break
+        out = model(input_ids=token[:, None], position_ids=torch.full((B, 1), T + i, device=device),
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        token = out.logits[:, -1].argmax(-1).masked_fill(finished, eos_token_id)
+        finished |= token == eos_token_id
+        new.append(token)
+    return torch.stack(new, 1)
+
+
+def niah_accuracy(model, tokenizer, *, lengths=(TOY_TRAIN_LEN,), num_samples: int = 20, seed: int = 0,
+                  haystack=None, batch_size: int = 32) -> dict:
+    """{length: {task: mean score_sample}} over `num_samples` samples per task (seeds seed..seed+n-1)."""
+    from . import tasks
+
+    device = next(model.parameters()).device
+    result = {}
+    for length in lengths:
+        result[length] = {}
+        for task in tasks.NIAH_TASKS:
+            kwargs = {} if haystack is None else dict(haystack=haystack)
+            samples = [tasks.generate_sample(task, tokenizer, length, seed=seed + i, **kwargs)
+                       for i in range(num_samples)]
+            scores = []
+            for b in range(0, num_samples, batch_size):
+                chunk = samples[b:b + batch_size]
+                ids = torch.tensor([s.input_ids for s in chunk], device=device)
+                new = greedy_generate(model, ids, max(s.max_new_tokens for s in chunk), tokenizer.eos_token_id)
+                for s, row in zip(chunk, new.tolist()):
+                    pred = tokenizer.decode(row, skip_special_tokens=True)
+                    scores.append(tasks.score_sample(task, pred, s.answers))
+            result[length][task] = sum(scores) / len(scores)
+    return result
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], *, seq_len: int = TOY_TRAIN_LEN, batch_size: int = 16):
+    """exp(mean next-token CE) over `texts` packed (eos between documents) into windows of seq_len tokens."""
+    device = next(model.parameters()).device
+    ids = [t for doc in texts for t in tokenizer.encode(doc) + [tokenizer.eos_token_id]]
+    windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    total, count = 0.0, 0
+    for b in range(0, len(windows), batch_size):
+        x = windows[b:b + batch_size].to(device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+        count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def unigram_perplexity(tokenizer, train_texts: list[str], texts: list[str], *, seq_len: int = TOY_TRAIN_LEN):
+    """Perplexity of an add-one-smoothed unigram model fitted on `train_texts`, on the same targets as
+    `perplexity` scores (every token of each window but its first)."""
+    eos = tokenizer.eos_token_id
+    counts = torch.ones(len(tokenizer), dtype=torch.float64)
+    for doc in train_texts:
+        counts += torch.bincount(torch.tensor(tokenizer.encode(doc) + [eos]), minlength=len(tokenizer))
+    logp = (counts / counts.sum()).log()
+    ids = [t for doc in texts for t in tokenizer.encode(doc) + [eos]]
+    windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    return math.exp(-logp[windows[:, 1:]].mean().item())
+
+
+def teacher_report(model, tokenizer, *, lengths=(TOY_TRAIN_LEN,), num_samples: int = 20, seed: int = 0,
+                   heldout_texts: list[str] | None = None, train_texts: list[str] | None = None,
+                   seq_len: int = TOY_TRAIN_LEN) -> dict:
+    """NIAH accuracy per length and task (greedy, cached decode, tasks.score_sample) and held-out perplexity
+    vs a unigram model. Without texts: 300 held-out documents and 3000 training documents of seed 0."""
+    heldout_texts = heldout_texts if heldout_texts is not None else toy_corpus(300, seed=heldout_seed(0))
+    train_texts = train_texts if train_texts is not None else toy_corpus(3000, seed=0)
+    niah = niah_accuracy(model, tokenizer, lengths=lengths, num_samples=num_samples, seed=seed)
+    ppl = perplexity(model, tokenizer, heldout_texts, seq_len=seq_len)
+    uni = unigram_perplexity(tokenizer, train_texts, heldout_texts, seq_len=seq_len)
+    return dict(niah=niah, niah_mean={n: sum(v.values()) / len(v) for n, v in niah.items()},
+                heldout_ppl=ppl, unigram_ppl=uni, ppl_ratio=ppl / uni)

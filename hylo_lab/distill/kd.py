@@ -1,0 +1,169 @@
+"""Stage 2, knowledge distillation (method.md section 5): what one KD step computes, and what a stage changes.
+
+    teacher (no gradients): logits [B, T, V] (kl="full") or final hidden states [B, T, Dt] + LM-head weight
+    student: same input ids -> logits, or final hidden states + its own LM-head weight
+    loss = kl_weight * T^2 KL(p_teacher || p_student)   (direction "forward"; "reverse" swaps them)
+         + ce_weight * CE(student, next tokens)           (the paper: ce_weight = 0)
+with the KL "full" (losses.kl_div on both T x V logit tensors), "chunked" (losses.chunked_kl_div: token
+chunks recomputed in backward) or "hidden" (losses.hidden_state_kl_div: logit-free tiles, own backward).
+A stage may first put YaRN on the MLA layers (`apply_yarn`). The teacher may be larger than the base but
+must predict over the same token ids (`check_shared_tokenizer`, run before any weight is loaded).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .ild import heldout_kl
+from .losses import chunked_kl_div, cross_entropy, hidden_state_kl_div, kl_div
+from .stages import RecipeError, StageSpec
+
+
+def chunked_cross_entropy(hidden, weight, labels, chunk_size: int = 4096, ignore_index: int = -100):
+    """cross_entropy(hidden @ weight.T, labels) over token chunks, logits recomputed in backward.
+
+    hidden [..., D], weight [V, D], labels [...] aligned with hidden (the caller shifts). float32 math.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+
+    def chunk_sum(h_c, w, y_c):
+        return F.cross_entropy(F.linear(h_c.float(), w.float()), y_c, ignore_index=ignore_index, reduction="sum")
+
+    total = torch.zeros((), device=h.device)
+    for i in range(0, h.shape[0], chunk_size):
+        args = (h[i:i + chunk_size], weight, y[i:i + chunk_size])
+        total = total + (checkpoint(chunk_sum, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_sum(*args))
+    return total / (y != ignore_index).sum().clamp_min(1)
+
+
+class KDStudent(nn.Module):
+    """A HyloForCausalLM wrapped for stage 2: forward(input_ids, teacher output, teacher head) -> (loss, parts).
+
+    The loss is computed inside forward so DDP / FSDP see one module call (the LM head weight is only
+    whole inside it under FSDP). teacher_out is the teacher's logits [B, T, V] for kl="full", else its
+    final hidden states [B, T, Dt] with its LM-head weight. `heldout=(ids, teacher_hidden, head)` returns
+    ild.heldout_kl instead (evaluation).
+    """
+
+    _no_split_modules = ["HyloDecoderLayer"]
+
+    def __init__(self, student, stage: StageSpec):
+        super().__init__()
+        self.student = student
+        self.stage = stage
+
+    def forward(self, input_ids=None, teacher_out=None, teacher_head_weight=None, *, heldout=None):
+        if heldout is not None:
+            return heldout_kl(self.student, *heldout)
+        st = self.stage
+        labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # labels[t] = token t+1; the last has none
+        parts = {}
+        total = None
+        if st.kl == "full":
+            logits = self.student(input_ids=input_ids, use_cache=False).logits
+            with torch.autocast(input_ids.device.type, enabled=False):
+                if st.kl_weight:
+                    parts["kl"] = kl_div(logits, teacher_out, direction=st.direction, temperature=st.temperature)
+                if st.ce_weight:
+                    parts["ce"] = cross_entropy(logits, labels)
+        else:
+            hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            head = self.student.lm_head.weight
+            with torch.autocast(input_ids.device.type, enabled=False):
+                if st.kl_weight and st.kl == "chunked":
+                    parts["kl"] = chunked_kl_div(hidden, teacher_out, head, teacher_head_weight,
+                                                 chunk_size=st.kl_chunk_size, direction=st.direction,
+                                                 temperature=st.temperature)
+                elif st.kl_weight:
+                    parts["kl"] = hidden_state_kl_div(hidden, teacher_out, head, teacher_head_weight,
+                                                      token_chunk=st.kl_chunk_size, vocab_chunk=st.vocab_chunk_size,
+                                                      direction=st.direction, temperature=st.temperature,
+                                                      backend=st.kl_backend)
+                if st.ce_weight:
+                    parts["ce"] = chunked_cross_entropy(hidden, head, labels, st.kl_chunk_size)
+        for name, weight in (("kl", st.kl_weight), ("ce", st.ce_weight)):
+            if name in parts:
+                term = weight * parts[name]
+                total = term if total is None else total + term
+        return total, {k: v.detach() for k, v in parts.items()}
+
+
+@torch.no_grad()
+def teacher_kd_targets(teacher, input_ids, kl: str):
+    """(teacher output, teacher head weight): logits for kl="full", else final hidden states + head."""
+    if kl == "full":
+        return teacher(input_ids=input_ids, use_cache=False).logits, None
+    hidden = teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return hidden, teacher.get_output_embeddings().weight
+
+
+def apply_yarn(model, yarn, seq_len: int) -> dict:
+    """Set YaRN on the MLA layers' RoPE (config.mla_rope_parameters) and rebuild their Rotary tables.
+
+    rope_theta is kept from the current MLA RoPE; max_position_embeddings grows to cover seq_len and
+    factor x original length. Returns the new rope parameters. Attention layers keep the base's RoPE.
+    """
+    from ..layers.common import Rotary
+
+    config = model.config
+    if "mla" not in config.mixers:
+        raise RecipeError(f"yarn applies to MLA layers, but this student ({config.layout}) has none")
+    params = yarn.rope_parameters(config.mla_rope_parameters.get("rope_theta", 10000.0))
+    config.mla_rope_parameters = params
+    config.max_position_embeddings = int(max(config.max_position_embeddings, seq_len,
+                                             yarn.factor * yarn.original_max_position_embeddings))
+    model.model.rotary["mla"] = Rotary(config.qk_rope_head_dim, params, config.max_position_embeddings)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The teacher must share the student's tokenizer
+
+
+def check_shared_tokenizer(base_path: str, teacher_path: str, tokenizer) -> None:
+    """The stage-2 teacher must predict over the same token ids as the student: compare the configs'
+    vocabulary sizes and, when the teacher has a tokenizer, every token and the special tokens."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        vocab = AutoConfig.from_pretrained(base_path).vocab_size
+    except Exception as exc:  # noqa: BLE001
+        raise RecipeError(f"cannot read the config of base {base_path!r}: {exc}") from exc
+    if len(tokenizer) > vocab:
+        raise RecipeError(f"the tokenizer has {len(tokenizer)} tokens but the base {base_path!r} has a vocabulary of "
+                          f"{vocab}: they do not belong together")
+    if teacher_path == base_path:
+        return
+    try:
+        base_cfg, teacher_cfg = AutoConfig.from_pretrained(base_path), AutoConfig.from_pretrained(teacher_path)
+    except Exception as exc:  # noqa: BLE001
+        raise RecipeError(f"cannot read the config of base {base_path!r} or teacher {teacher_path!r}: {exc}") from exc
+    if base_cfg.vocab_size != teacher_cfg.vocab_size:
+        raise RecipeError(f"teacher {teacher_path!r} does not share the student's tokenizer: vocabulary sizes "
+                          f"{teacher_cfg.vocab_size} (teacher) vs {base_cfg.vocab_size} (base / student). The KL "
+                          f"compares next-token distributions id by id, so both must use the same tokenizer")
+    try:
+        teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
+    except Exception:  # noqa: BLE001 - a teacher directory without tokenizer files
+        print(f"[distill] warning: teacher {teacher_path} has no tokenizer to compare; only the vocabulary size "
+              f"({teacher_cfg.vocab_size}) was checked", file=sys.stderr)
+        return
+    a, b = tokenizer.get_vocab(), teacher_tok.get_vocab()
+    if a != b:
+        inv_a, inv_b = {v: k for k, v in a.items()}, {v: k for k, v in b.items()}
+        ids = sorted(set(inv_a) | set(inv_b))
+        first = next(i for i in ids if inv_a.get(i) != inv_b.get(i))
+        raise RecipeError(f"teacher {teacher_path!r} does not share the student's tokenizer: {len(b)} vs {len(a)} "
+                          f"tokens; first difference at id {first}: {inv_b.get(first)!r} (teacher) vs "
+                          f"{inv_a.get(first)!r} (student)")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name) != getattr(teacher_tok, name):
+            raise RecipeError(f"teacher {teacher_path!r} tokenizer has {name}={getattr(teacher_tok, name)}, the "
+                              f"student's has {getattr(tokenizer, name)}")

@@ -1,0 +1,155 @@
+"""Gated DeltaNet token mixer with flash-linear-attention's GatedDeltaNet parameter names and defaults.
+
+x [B, T, D] -> q, k [B, T, H, K], v [B, T, H, V] (projections, short causal conv + SiLU, q/k L2-normalised)
+decay g = -exp(A_log) * softplus(a_proj(x) + dt_bias), beta = sigmoid(b_proj(x))   [B, T, H]
+o = gated_delta_rule(q, k, v, g, beta)  (ops/gated_delta.py), o_norm(o, g_proj(x)) per head, o_proj.
+
+Weights map one to one onto fla's layer (q_proj, k_proj, v_proj, a_proj, b_proj, A_log, dt_bias,
+q_conv1d/k_conv1d/v_conv1d [C, 1, W] without bias, g_proj, o_norm.weight [V], o_proj). One key head per
+value head (fla's num_v_heads = num_heads); allow_neg_eigval is off, as fla's default.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hylo_lab.cache import LinearState
+from hylo_lab.layers.common import GatedRMSNorm, RMSNorm
+from hylo_lab.ops.conv import causal_conv1d
+from hylo_lab.ops.gated_delta import gated_delta_rule
+
+CONV_NAMES = ("q_conv1d", "k_conv1d", "v_conv1d")
+
+
+def short_conv(channels: int, kernel_size: int, bias: bool) -> nn.Conv1d:
+    """fla's ShortConvolution is an nn.Conv1d (depthwise, weight [C, 1, W]); we only use its parameters."""
+    return nn.Conv1d(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1, bias=bias)
+
+
+def padding_mask(attention_mask, T: int):
+    """[B, >=T] (1 = real token, 0 = left padding; a generate-style mask over past + new tokens is fine)
+    -> [B, T, 1] float mask for the T new tokens, or None."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < T:
+        raise ValueError(f"attention_mask must be [B, >= T={T}] with 1 for real tokens, got {tuple(attention_mask.shape)}")
+    return attention_mask[:, -T:, None]
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet (Yang et al. 2024, arXiv 2412.06464) as flash-linear-attention's layer.
+
+    Dims from config: hidden_size, gdn_num_heads (H), gdn_head_dim (K), gdn_head_v_dim (V = K * gdn_expand_v),
+    gdn_conv_size, gdn_use_short_conv, gdn_use_gate, gdn_norm_eps; chunk_size and kernel_backend for the op.
+    State (LinearState): conv {"q_conv1d": [B, H*K, W-1], "k_conv1d": ..., "v_conv1d": [B, H*V, W-1]} in the
+    input dtype, recurrent [B, H, K, V] in float32.
+    """
+
+    def __init__(self, config, layer_idx: int | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.gdn_num_heads
+        self.head_k_dim = config.gdn_head_dim
+        self.head_v_dim = config.gdn_head_v_dim
+        self.key_dim = self.num_heads * self.head_k_dim
+        self.value_dim = self.num_heads * self.head_v_dim
+        self.conv_size = config.gdn_conv_size
+        self.use_short_conv = config.gdn_use_short_conv
+        self.use_gate = config.gdn_use_gate
+        self.chunk_size = config.chunk_size
+        self.kernel_backend = config.kernel_backend
+
+        D, H = self.hidden_size, self.num_heads
+        self.q_proj = nn.Linear(D, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(D, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(D, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(D, H, bias=False)
+        self.b_proj = nn.Linear(D, H, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        if self.use_short_conv:
+            self.q_conv1d = short_conv(self.key_dim, self.conv_size, bias=False)
+            self.k_conv1d = short_conv(self.key_dim, self.conv_size, bias=False)
+            self.v_conv1d = short_conv(self.value_dim, self.conv_size, bias=False)
+        else:
+            warnings.warn("GatedDeltaNet without short convolutions (gdn_use_short_conv=False) is a known "
+                          "quality loss; fla warns the same", stacklevel=2)
+        if self.use_gate:
+            self.g_proj = nn.Linear(D, self.value_dim, bias=False)
+            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=config.gdn_norm_eps, norm_before_gate=True)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=config.gdn_norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, D, bias=False)
+        self.reset_parameters_hylo()
+
+    @torch.no_grad()
+    def reset_parameters_hylo(self):
+        """fla's init of what nn.Linear does not cover: A ~ U(0, 16), A_log = log A; dt ~ log-uniform
+        [1e-3, 1e-1] floored at 1e-4, dt_bias = softplus^-1(dt); default nn.Conv1d init; norm weight 1."""
+        H = self.num_heads
+        A = torch.empty(H, dtype=torch.float32, device=self.A_log.device).uniform_(0, 16)
+        self.A_log.copy_(torch.log(A))
+        dt_min, dt_max, dt_floor = 1e-3, 1e-1, 1e-4
+        u = torch.rand(H, dtype=torch.float32, device=self.dt_bias.device)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        if self.use_short_conv:
+            for name in CONV_NAMES:
+                getattr(self, name).reset_parameters()
+        self.o_norm.weight.fill_(1.0)
+
+    # TODO(upcycling issue): `from_attention` classmethod (method.md section 4, GDN bullet) goes here.
+
+    def forward(self, hidden_states, *, state: LinearState | None = None, attention_mask=None):
+        """hidden_states [B, T, D] -> [B, T, D]. With `state`, its conv tails and recurrent state are read as
+        the initial ones (None = zeros) and replaced by the new ones, so prefill, chunked prefill and decode
+        are the same call. Left-padded positions (attention_mask 0) are zeroed and leave the states untouched.
+        """
+        Bsz, T, _ = hidden_states.shape
+        mask = padding_mask(attention_mask, T)
+        x = hidden_states if mask is None else hidden_states * mask.to(hidden_states.dtype)
+
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            convs = {}
+            for name, t in zip(CONV_NAMES, (q, k, v)):
+                conv = getattr(self, name)
+                prev = state.conv.get(name) if state is not None else None
+                convs[name] = causal_conv1d(t, conv.weight, conv.bias, state=prev, activation="silu")
+            (q, cq), (k, ck), (v, cv) = convs.values()
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q = q.view(Bsz, T, self.num_heads, self.head_k_dim)
+        k = k.view(Bsz, T, self.num_heads, self.head_k_dim)
+        v = v.view(Bsz, T, self.num_heads, self.head_v_dim)
+
+        acc = torch.promote_types(x.dtype, torch.float32)  # gates in float32 (float64 stays float64)
+        g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
+        beta = self.b_proj(x).to(acc).sigmoid()
+        if mask is not None:  # decay 1 and no write at padded positions
+            g = g * mask.to(g.dtype)
+            beta = beta * mask.to(beta.dtype)
+
+        o, final = gated_delta_rule(
+            q, k, v, g, beta, initial_state=state.recurrent if state is not None else None,
+            output_final_state=state is not None, use_qk_l2norm=True, chunk_size=self.chunk_size,
+            backend=self.kernel_backend)
+        if state is not None:
+            if self.use_short_conv:
+                state.conv.update(q_conv1d=cq, k_conv1d=ck, v_conv1d=cv)
+            state.recurrent = final
+
+        if self.use_gate:
+            gate = self.g_proj(x).view(Bsz, T, self.num_heads, self.head_v_dim)
+            o = self.o_norm(o, gate)
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.reshape(Bsz, T, self.value_dim))

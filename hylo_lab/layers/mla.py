@@ -1,0 +1,102 @@
+"""Multi-head latent attention (DeepSeek naming), GQA-style: the latent expands to `mla_num_kv_heads` K/V heads.
+
+Per token the cache holds only c = kv_a_layernorm(kv_a(x))[:r] (r = kv_lora_rank) and the shared RoPE key
+k_rope (qk_rope_head_dim), both after RoPE/normalisation. Prefill expands the latent to per-head K/V and runs
+fused attention. Decode never expands the cache: kv_b_proj is absorbed into the query (scores = q_nope W_kb c
++ q_rope k_rope) and into the output (o = W_vb (p @ c)), so a step costs O(S * r) per head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import causal_sdpa
+from .common import RMSNorm, apply_rotary
+
+# Above this many new tokens with a non-empty cache, expanding K/V beats the absorbed form.
+ABSORB_MAX_TOKENS = 16
+
+
+class MLA(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        D = config.hidden_size
+        self.num_heads = H = config.num_attention_heads
+        self.num_kv_heads = Hkv = config.mla_num_kv_heads
+        self.nope = config.qk_nope_head_dim
+        self.rope = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        self.scale = (self.nope + self.rope) ** -0.5
+        bias = config.mla_bias
+        qk = self.nope + self.rope
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=bias)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps) if config.mla_latent_norm else nn.Identity()
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk, bias=bias)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps) if config.mla_latent_norm else nn.Identity()
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, Hkv * (self.nope + self.v_dim), bias=bias)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+
+    def project_q(self, x):
+        if self.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x, *, rope, state=None, attention_mask=None):
+        B, T, _ = x.shape
+        H, Hkv = self.num_heads, self.num_kv_heads
+        cos, sin = rope
+        q = self.project_q(x).view(B, T, H, self.nope + self.rope)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        q_rope = apply_rotary(q_rope, cos, sin)
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        c = self.kv_a_layernorm(c)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        past = 0
+        if state is not None:
+            past = 0 if state.latent is None else state.latent.shape[1]
+            c, k_rope = state.append(c, k_rope)
+        if past > 0 and T <= ABSORB_MAX_TOKENS:
+            o = self.absorbed(q_nope, q_rope, c, k_rope, past, attention_mask)
+        else:
+            o = self.expanded(q_nope, q_rope, c, k_rope, past, attention_mask)
+        return self.o_proj(o.reshape(B, T, H * self.v_dim))
+
+    def expanded(self, q_nope, q_rope, c, k_rope, past, attention_mask):
+        """Expand the latent to per-head K/V ([B, S, Hkv, nope + v]) and run fused causal attention."""
+        B, S, _ = c.shape
+        H, Hkv, rep = self.num_heads, self.num_kv_heads, self.num_heads // self.num_kv_heads
+        kv = self.kv_b_proj(c).view(B, S, Hkv, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, :, None].expand(B, S, Hkv, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
+        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
+        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+        o = causal_sdpa(q, k, v, past, attention_mask, scale=self.scale)
+        return o.transpose(1, 2)
+
+    def absorbed(self, q_nope, q_rope, c, k_rope, past, attention_mask):
+        """Attention in latent space: scores_{h,t,s} = (q_nope_h W_kb^g) . c_s + q_rope_h . k_rope_s, where
+        g = h // (H / Hkv); out_h = W_vb^g (sum_s p_hts c_s) (+ v bias, since p sums to 1)."""
+        B, T, H, _ = q_nope.shape
+        Hkv, rep = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        w = self.kv_b_proj.weight.view(Hkv, self.nope + self.v_dim, self.kv_lora_rank)
+        w_k = w[:, : self.nope].repeat_interleave(rep, dim=0)  # [H, nope, r]
+        w_v = w[:, self.nope :].repeat_interleave(rep, dim=0)  # [H, v, r]
+        # A key bias adds q.b_k to every score of a query: softmax ignores it, so only the value bias remains.
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_k)
+        q_cat = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1)  # [B, H, T, r + rope]
+        kv_cat = torch.cat([c, k_rope], dim=-1)[:, None]  # [B, 1, S, r + rope]: one shared "head"
+        o_lat = causal_sdpa(q_cat, kv_cat.expand(B, H, -1, -1), c[:, None].expand(B, H, -1, -1), past,
+                            attention_mask, scale=self.scale)  # [B, H, T, r]
+        o = torch.einsum("bhtr,hvr->bthv", o_lat, w_v)
+        if self.kv_b_proj.bias is not None:
+            o = o + self.kv_b_proj.bias.view(Hkv, -1)[:, self.nope :].repeat_interleave(rep, dim=0)
+        return o

@@ -1,0 +1,195 @@
+"""MLflow logging behind one small object: the only module that imports mlflow.
+
+Conventions (architecture.md): one run per execution; params = the flattened config, logged once; metric names
+`split/name[/sub]`; artifacts under `notebook/`, `figures/`, `tables/`. MLflow being unreachable or failing is
+reported once on stderr and the run goes on without logging: losing a metric must never lose the training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./ :]")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": 1, "c": "[1, 2]"}: plain values MLflow params accept."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v) if len(json.dumps(v)) < 500 else json.dumps(v)[:497] + "..."
+        else:
+            out[key] = v
+    return out
+
+
+def metric_name(name: str) -> str:
+    return _BAD_CHARS.sub("_", name)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+class Tracker:
+    """Wraps one MLflow run. `Tracker(enabled=False)` (or a failure to reach MLflow) logs nothing."""
+
+    def __init__(self, experiment: str = "hylo_lab", run_name: str | None = None, *, tracking_uri: str | None = None,
+                 tags: dict | None = None, parent_run_id: str | None = None, run_id: str | None = None,
+                 enabled: bool = True):
+        self.run_id = None
+        self._mlflow = None
+        if not enabled:
+            return
+        try:
+            import mlflow
+
+            uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_experiment(experiment)
+            all_tags = {"git_sha": git_sha(), **(tags or {})}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            client = mlflow.MlflowClient()
+            if run_id:
+                self.run_id = run_id
+            else:
+                exp = client.get_experiment_by_name(experiment)
+                run = client.create_run(exp.experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
+                self.run_id = run.info.run_id
+            self._client, self._mlflow, self.tracking_uri = client, mlflow, uri
+        except Exception as exc:  # unreachable server, bad URI, missing package
+            self._report(exc)
+
+    @property
+    def active(self) -> bool:
+        return self._mlflow is not None
+
+    def _report(self, exc):
+        warnings.warn(f"MLflow logging disabled: {type(exc).__name__}: {exc}", stacklevel=3)
+        print(f"[hylo_lab] MLflow unavailable, continuing without logging ({type(exc).__name__}: {exc})", file=sys.stderr)
+        self._mlflow = None
+
+    def _call(self, method: str, *args, **kwargs):
+        """Calls MlflowClient.<method>; a failure is reported once and disables logging."""
+        if not self.active:
+            return None
+        try:
+            return getattr(self._client, method)(*args, **kwargs)
+        except Exception as exc:
+            self._report(exc)
+
+    def log_params(self, params: dict):
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        batch = [Param(k[:250], str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(batch), 100):
+            self._call("log_batch", self.run_id, params=batch[i : i + 100])
+
+    def log_metrics(self, metrics: dict, step: int | None = None):
+        if not self.active:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(metric_name(k), float(v), ts, step or 0) for k, v in metrics.items()
+                 if v is not None and v == v]
+        for i in range(0, len(batch), 500):
+            self._call("log_batch", self.run_id, metrics=batch[i : i + 500])
+
+    def set_tags(self, tags: dict):
+        for k, v in tags.items():
+            self._call("set_tag", self.run_id, k, str(v))
+
+    def log_artifact(self, path, artifact_path: str | None = None):
+        path = Path(path)
+        if path.is_dir():
+            self._call("log_artifacts", self.run_id, str(path), artifact_path)
+        else:
+            self._call("log_artifact", self.run_id, str(path), artifact_path)
+
+    def log_figure(self, fig, name: str):
+        """Saves a matplotlib figure as figures/<name>.png."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / (name if name.endswith(".png") else name + ".png")
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+            self.log_artifact(path, "figures")
+
+    def log_dict(self, data, name: str, artifact_path: str = "tables"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(data, indent=2, default=str))
+            self.log_artifact(path, artifact_path)
+
+    def end(self, status: str = "FINISHED"):
+        self._call("set_terminated", self.run_id, status)
+
+    def set_status(self, status: str):
+        """Sets RUNNING / FINISHED / FAILED / KILLED without ending the run (a sweep re-opening its parent)."""
+        self._call("update_run", self.run_id, status=status)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.end("FAILED" if exc_type else "FINISHED")
+        return False
+
+
+def default_tracking_uri() -> str:
+    """What Tracker uses when given no URI: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def find_runs(experiment: str | None = None, filter_string: str = "", *, tracking_uri: str | None = None) -> list[dict]:
+    """Runs matching an MLflow filter (e.g. "tags.sweep_name = 'yarn'"), newest first, as plain dicts {run_id,
+    run_name, experiment, experiment_id, status, start_time, end_time, tags, params, metrics (latest values)}.
+    `experiment=None` searches every experiment; an experiment that does not exist has no runs. Unlike
+    Tracker, errors are raised: a reader has nothing to protect."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    if experiment is None:
+        experiments, token = [], None
+        while True:
+            page = client.search_experiments(max_results=1000, page_token=token)
+            experiments += page
+            token = page.token
+            if not token:
+                break
+    else:
+        experiments = [e for e in [client.get_experiment_by_name(experiment)] if e is not None]
+    names = {e.experiment_id: e.name for e in experiments}
+    if not names:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs(list(names), filter_string, max_results=1000, order_by=["attributes.start_time DESC"],
+                                  page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            break
+    return [dict(run_id=r.info.run_id, run_name=r.info.run_name, experiment=names[r.info.experiment_id],
+                 experiment_id=r.info.experiment_id,
+                 status=r.info.status, start_time=r.info.start_time, end_time=r.info.end_time, tags=dict(r.data.tags),
+                 params=dict(r.data.params), metrics=dict(r.data.metrics)) for r in runs]

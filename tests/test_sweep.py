@@ -1,0 +1,216 @@
+"""Sweeps: validation before anything runs, grid expansion, one end-to-end sweep through papermill and MLflow
+(parent + children, a failing point, a re-run that skips finished points, compare), and the ablation files."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hylo_lab import cli
+from hylo_lab.sweep import Param, SweepError, load_sweep, notebook_parameters, parse_only, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+TINY_NB = DATA / "tiny_sweep.ipynb"
+TINY_YAML = DATA / "tiny_sweep.yaml"
+ABLATIONS = sorted((ROOT / "ablations").glob("*.yaml"))
+
+# What notebooks/00_quickstart.ipynb declares (issue 7); checks the ablation files until the notebook exists.
+QUICKSTART = dict(run_id="", parent_run_id="", experiment="quickstart", tracking_uri="", seed=0, quick=True,
+                  teacher="llama-s", layout="2MLA2GDN", mla_layers="", linear="gdn", stage2_seq_len=256,
+                  stage2_steps=20, yarn_factor=0.0, eval_lengths="256,512", out_dir="")
+
+
+def write_sweep(tmp_path, **overrides):
+    spec = dict(name="t", notebook=str(TINY_NB), experiment="tiny_sweep", fixed={"scale": 0.5}, grid={"x": [1, 2]},
+                metrics=["score"], plots=[{"x": "x", "y": "score", "kind": "bar"}])
+    spec.update(overrides)
+    spec = {k: v for k, v in spec.items() if v is not None}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_notebook_parameters_reads_names_types_and_defaults():
+    params = notebook_parameters(TINY_NB)
+    assert list(params)[:4] == ["run_id", "parent_run_id", "experiment", "tracking_uri"]
+    assert params["x"] == Param("x", int, 1)
+    assert params["scale"] == Param("scale", float, 1.0)
+    assert params["fail"] == Param("fail", bool, False)
+    assert params["experiment"].default == "tiny_sweep"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(grids={"x": [1]}), "unknown key 'grids' (did you mean 'grid'?)"),
+    (dict(notebook="nowhere/missing.ipynb"), "notebook 'nowhere/missing.ipynb' not found"),
+    (dict(grid={}), "grid is empty"),
+    (dict(grid={"x": 3}), "grid.x must be a non-empty list of values; put a single value under fixed"),
+    (dict(grid={"y": [1, 2]}), "grid.y: not a parameter of tiny_sweep.ipynb"),
+    (dict(fixed={"scael": 2.0}), "fixed.scael: not a parameter of tiny_sweep.ipynb (did you mean 'scale'?)"),
+    (dict(grid={"x": [1, "two"]}), "grid.x: 'two' is a str but the notebook declares x: int"),
+    (dict(fixed={"fail": "yes"}), "fixed.fail: 'yes' is a str but the notebook declares fail: bool"),
+    (dict(fixed={"run_id": "abc"}), "fixed.run_id: set by the sweep itself"),
+    (dict(fixed={"x": 1}), "'x' is both fixed and a grid axis"),
+    (dict(seeds=[0, "1"]), "seeds must be a list of integers"),
+    (dict(name="has space"), "name 'has space' must be letters"),
+    (dict(experiment=None), "missing required key 'experiment'"),
+    (dict(plots=[{"x": "length", "y": "score"}]), "plots[0]: x='length' is not a column"),
+    (dict(plots=[{"x": "x", "y": "score", "kind": "pie"}]), "plots[0]: kind 'pie' is not one of"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_sweep_files_fail_before_running_with_clear_messages(tmp_path, overrides, message):
+    path = write_sweep(tmp_path, **overrides)
+    with pytest.raises(SweepError) as err:
+        run_sweep(path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", out_dir=tmp_path / "out")
+    assert message in str(err.value)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    path = write_sweep(tmp_path, grid={"x": [1], "y": [2]}, fixed={"scale": "big"}, extra=1)
+    with pytest.raises(SweepError, match="3 problems") as err:
+        load_sweep(path)
+    assert str(err.value).count("\n  - ") == 3
+
+
+def test_notebook_without_the_sweep_parameters_is_refused(tmp_path):
+    import nbformat
+
+    nb = nbformat.read(TINY_NB, as_version=4)
+    nb.cells[1].source = "x: int = 1\nscale: float = 1.0\n"
+    nbformat.write(nb, tmp_path / "bare.ipynb")
+    with pytest.raises(SweepError, match="must declare run_id, parent_run_id, experiment, tracking_uri"):
+        load_sweep(write_sweep(tmp_path, notebook="bare.ipynb"))
+
+
+def test_points_cross_grid_include_and_seeds_with_stable_keys(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, grid={"x": [1, 2], "label": ["a", "b"]}, seeds=[0, 1],
+                                   include=[{"x": 9, "fail": True}], fixed={"scale": 2}))
+    keys = [";".join(f"{k}={v}" for k, v in p.items()) for p in sweep.points()]
+    assert keys[:2] == ["x=1;label=a;seed=0", "x=1;label=a;seed=1"]
+    assert keys[-1] == "x=9;fail=True;seed=1" and len(keys) == 10
+    assert sweep.fixed["scale"] == 2.0 and isinstance(sweep.fixed["scale"], float)  # int YAML value, float param
+    assert sweep.axes == ["x", "label", "fail", "seed"]
+    assert sweep.axis_values({"x": 1, "label": "a", "seed": 0}) == dict(x=1, label="a", fail=False, seed=0)
+    # --only values arrive as strings and are read as the declared type; same key = any of, keys = all of
+    chosen = sweep.select(parse_only(["x=2", "x=9", "seed=1"]))
+    assert [(p["x"], p["seed"]) for p in chosen] == [(2, 1), (2, 1), (9, 1)]
+    assert len(sweep.select({"fail": "false"})) == 8
+    with pytest.raises(SweepError, match="matches none"):
+        sweep.select({"x": "5"})
+    with pytest.raises(SweepError, match="not a parameter"):
+        sweep.select({"nope": "1"})
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
+    path = write_sweep(tmp_path, seeds=[0, 1])
+    cli.main(["sweep", str(path), "--dry-run", "--only", "seed=1", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    out = capsys.readouterr().out
+    assert "2 point(s)" in out and "x=1;seed=1" in out and "PLANNED" in out and "x=1;seed=0" not in out
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_cli_reports_a_bad_sweep_file(tmp_path):
+    with pytest.raises(SystemExit, match="(?s)hylo-lab sweep: .*grid is empty"):
+        cli.main(["sweep", str(write_sweep(tmp_path, grid={})), "--dry-run"])
+
+
+def test_pattern_plot_melts_metrics_into_a_length_axis():
+    import pandas as pd
+
+    from hylo_lab.compare import figure_name, long_form, plot_sweep
+
+    frame = pd.DataFrame(dict(point=["a", "b", "c"], layout=["1MLA3GDN", "2MLA2GDN", "2MLA2GDN"],
+                              status=["FINISHED", "FINISHED", "FAILED"], **{"eval/niah/256": [0.5, 0.75, None],
+                              "eval/niah/512": [0.25, 0.5, None], "eval/niah/256/0.5": [1.0, 1.0, None]}))
+    long, y, x = long_form(frame, "eval/niah/{length}")
+    assert (y, x) == ("eval/niah", "length")
+    assert sorted(long.length.unique()) == [256, 512] and len(long) == 6  # the per-depth metric is not a length
+    spec = {"x": "length", "y": "eval/niah/{length}", "hue": "layout", "kind": "line"}
+    fig = plot_sweep(frame, spec, title="t")
+    assert fig.axes[0].get_title() == "t: eval/niah vs length"
+    assert len(fig.axes[0].get_lines()) >= 2  # one line per layout; the FAILED row is left out
+    assert figure_name(spec) == "eval_niah_vs_length_by_layout"
+
+
+def test_sweep_end_to_end_parent_children_failure_rerun_and_compare(tmp_path):
+    """tiny_sweep.yaml: x=1 and x=2 log metrics, x=3 raises. The first run records 2 FINISHED + 1 FAILED
+    children under one parent; a re-run skips the two finished points and re-runs only the failed one."""
+    import mlflow
+
+    from hylo_lab.compare import compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "notebooks"
+    first = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=out, echo=lambda *a: None)
+
+    assert first.point.tolist() == ["x=1", "x=2", "x=3;fail=True"]
+    assert first.status.tolist() == ["FINISHED", "FINISHED", "FAILED"]
+    assert first["score"].tolist()[:2] == [0.5, 1.0]  # x * scale, scale=0.5 fixed in the YAML
+    assert first["eval/niah/128"].tolist()[:2] == pytest.approx([0.1, 0.2])
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny_sweep")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.run_name == "tiny" and parents[0].info.status == "FAILED"
+    parent_id = parents[0].info.run_id
+    children = {r.data.tags["point_key"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    assert set(children) == {"x=1", "x=2", "x=3;fail=True"} and len(runs) == 4
+    good = children["x=2"]
+    assert good.info.status == "FINISHED" and good.info.run_name == "x=2"
+    assert good.data.tags["x"] == "2" and good.data.tags["sweep_name"] == "tiny" and good.data.tags["fail"] == "False"
+    assert good.data.metrics == {"score": 1.0, "eval/niah/128": 0.2, "eval/niah/256": 0.1, "eval/niah/512": 0.05}
+    assert good.data.params["scale"] == "0.5"  # logged by the notebook's own Tracker into the sweep's child run
+    assert {a.path for a in client.list_artifacts(good.info.run_id, "notebook")} == {
+        "notebook/x=2.ipynb", "notebook/parameters.json"}
+
+    bad = children["x=3;fail=True"]
+    assert bad.info.status == "FAILED" and not bad.data.metrics
+    assert "ValueError: asked to fail (x=3, label=b)" in bad.data.tags["error"]
+    assert {a.path for a in client.list_artifacts(bad.info.run_id, "notebook")} >= {
+        "notebook/x=3_fail=True.ipynb", "notebook/x=3_fail=True.traceback.txt"}
+    assert (out / "x=3_fail=True.ipynb").exists() and (out / "x=1.ipynb").exists()
+
+    second = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=out, echo=lambda *a: None)
+    assert second.status.tolist() == ["SKIPPED", "SKIPPED", "FAILED"]
+    assert second.run_id.tolist()[:2] == first.run_id.tolist()[:2]
+    assert second["score"].tolist()[:2] == [0.5, 1.0]
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 5  # the same parent, one new child for the failed point only
+    assert sum(r.data.tags.get("sweep_role") == "parent" for r in runs) == 1
+
+    frame, figures = compare(TINY_YAML, tracking_uri=uri, out_dir=tmp_path / "results")
+    assert frame.point.tolist() == ["x=1", "x=2", "x=3;fail=True"] and frame.run_id.iloc[2] == second.run_id.iloc[2]
+    assert len(figures) == 2
+    assert {p.name for p in (tmp_path / "results").iterdir()} == {
+        "eval_niah_vs_length_by_x.png", "score_by_x.png", "runs.csv"}
+    logged = {a.path for a in client.list_artifacts(parent_id, "figures")}
+    assert logged == {"figures/eval_niah_vs_length_by_x.png", "figures/score_by_x.png"}
+    by_name, _ = compare("tiny", tracking_uri=uri, out_dir=tmp_path / "by_name", log=False)
+    assert by_name.drop(columns="duration_s").equals(frame.drop(columns="duration_s"))
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
+def test_ablation_files_name_only_parameters_their_notebook_declares(path):
+    notebook = ROOT / yaml.safe_load(path.read_text())["notebook"]
+    declared = None if notebook.exists() else {k: Param(k, type(v), v) for k, v in QUICKSTART.items()}
+    sweep = load_sweep(path, declared=declared)
+    assert sweep.name == path.stem and sweep.metrics and sweep.plots and sweep.paper_finding
+    assert 2 <= len(sweep.points()) <= 8, "keep the default grid small enough for the toy world on CPU"
+
+
+def test_the_four_ablations_exist():
+    assert {p.stem for p in ABLATIONS} == {"layer_ratio", "yarn", "teacher_size", "training_length"}
+
+
+def test_parallel_jobs_run_points_in_separate_processes(tmp_path):
+    # both points fail in their first cell, so this times process start-up, not the notebook
+    import mlflow
+
+    path = write_sweep(tmp_path, fixed={"fail": True}, grid={"x": [3, 4]})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_sweep(path, jobs=2, tracking_uri=uri, out_dir=tmp_path / "out", echo=lambda *a: None)
+    assert summary.point.tolist() == ["x=3", "x=4"] and summary.status.tolist() == ["FAILED", "FAILED"]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny_sweep").experiment_id])
+    errors = sorted(r.data.tags.get("error", "").splitlines()[0] for r in runs if "point_key" in r.data.tags)
+    assert errors == ["ValueError: asked to fail (x=3, label=a)", "ValueError: asked to fail (x=4, label=a)"]
