@@ -3,10 +3,10 @@
 Each case runs in its own process (clean peak-RSS accounting): build the base from BASE_SHAPES with transformers'
 LlamaConfig / Qwen3Config (random weights, `--dtype`), save it to a temporary directory, then time
 `upcycle_to_dir` (the CLI path: load the base from disk, convert, save the hybrid and the config) while a thread
-samples the process's resident memory every 50 ms. Writes benchmarks/upcycle_cpu.json; the note beside it
-(upcycle_cpu.md) quotes the numbers.
+samples the process's resident memory every 50 ms. Writes benchmarks/results/upcycle_cpu.json and a markdown
+table, benchmarks/results/upcycle_cpu.md.
 
-    .venv/bin/python benchmarks/upcycle_cpu.py              # all cases
+    nice -n 5 .venv/bin/python benchmarks/upcycle_cpu.py    # all cases
     .venv/bin/python benchmarks/upcycle_cpu.py --case llama3.2-1b/4MLA12GDN
 """
 
@@ -29,7 +29,7 @@ CASES = [  # (label, base shape, upcycle kwargs)
     ("qwen3-1.7b/7MLA21GDN", "qwen3-1.7b", dict(preset="qwen3-1.7b/7MLA21GDN")),
     ("qwen3-1.7b/14MLA14M2", "qwen3-1.7b", dict(preset="qwen3-1.7b/14MLA14M2")),
 ]
-OUT = Path(__file__).with_suffix(".json")
+OUT_DIR = Path(__file__).parent / "results"
 
 
 def rss_gib() -> float:
@@ -100,6 +100,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", help="one case label (default: all, each in its own process)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out-dir", default=str(OUT_DIR), help="where upcycle_cpu.json and upcycle_cpu.md go")
     args = ap.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.dtype)))
@@ -121,8 +122,40 @@ def main():
                 torch=torch.__version__, threads=torch.get_num_threads(),
                 load_average_at_end=os.getloadavg(),
                 note="shared machine: other engineers' jobs ran at the same time; times are upper bounds")
-    OUT.write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
-    print(f"wrote {OUT}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "upcycle_cpu.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2) + "\n")
+    (out_dir / "upcycle_cpu.md").write_text(markdown(meta, results, args.dtype))
+    print(f"wrote {out_dir / 'upcycle_cpu.json'} and {out_dir / 'upcycle_cpu.md'}")
+
+
+def markdown(meta: dict, results: list[dict], dtype: str) -> str:
+    """The results as a short markdown note: one table row per case."""
+    lines = [
+        "# Upcycling on the CPU machine: time and peak memory",
+        "",
+        f"`benchmarks/upcycle_cpu.py` (random-weight bases of the paper's shapes, {dtype} checkpoints, "
+        f"`upcycle_to_dir` = load the base from disk, convert, save the hybrid). Machine: {meta['machine']}, "
+        f"torch {meta['torch']}, {meta['threads']} threads, load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in meta['load_average_at_end'])}. Note: {meta['note']}.",
+        "",
+        "| case | base params | build+save base (s) | upcycle_to_dir (s) | RSS before (GiB) | peak RSS (GiB) "
+        "| output (GiB) | hybrid |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['case']} | failed: {r['error']} | | | | | | |")
+            continue
+        hybrid = next((s for s in r["summary"] if s.startswith("parameters")), "").replace("|", "/")
+        cells = [r["case"], f"{r['base_params'] / 1e9:.2f} B", r["build_and_save_base_s"], r["upcycle_to_dir_s"],
+                 r["rss_before_gib"], r["peak_rss_gib"], r["output_gib"], hybrid]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "Peak RSS is the resident memory of the converting process sampled every 50 ms while "
+              "`upcycle_to_dir` ran (RSS before = what the process held on entry: Python, torch, transformers). "
+              "Most of the conversion time is the two float32 truncated SVDs per MLA layer (LAPACK), so layouts with "
+              "more MLA layers take longer; Mamba2 / GDN layers are plain copies.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,18 @@ def cmd_distill(args):
         print(f"final model: {summary['final_model']}")
 
 
+def cmd_demo(args):
+    """The toy HyLo recipe end to end: execute notebooks/00_quickstart.ipynb, write it, its HTML and figures."""
+    from hylo_lab.demo import report_text, run_demo
+
+    try:
+        summary = run_demo(quick=args.quick, linear=args.linear, out_dir=args.out, tracking_uri=args.tracking_uri or "",
+                           experiment=args.experiment)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"hylo-lab demo: {exc}")
+    print(report_text(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="figures and runs.csv go here (default ablations/results/NAME/)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="the whole toy HyLo recipe end to end (teachers, upcycle, ILD, KD + YaRN, "
+                                    "evaluation at 1x-32x, report)")
+    p.add_argument("--quick", action="store_true", help="tiny models and few steps: every step in about a minute (CI)")
+    p.add_argument("--linear", choices=("gdn", "mamba2"), default="gdn", help="linear block of the hybrid (default gdn)")
+    p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick with --quick)")
+    p.add_argument("--experiment", default="quickstart", help="MLflow experiment (default quickstart)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)")
+    p.set_defaults(func=cmd_demo)
 
     return parser
 

@@ -109,7 +109,12 @@ class HyloModel(HyloPreTrainedModel):
                 hidden_states.append(h)
         h = self.norm(h)
         if past_key_values is not None:
-            past_key_values.seq_length += T
+            if past_key_values.static and T == 1:  # MLA wrote at `position` (no Python length changed)
+                past_key_values.position.add_(1)
+                past_key_values.advance(1)
+            else:
+                past_key_values.seq_length += T
+                past_key_values.sync_position()
         if output_hidden_states:
             hidden_states[-1] = h
         return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values,

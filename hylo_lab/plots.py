@@ -125,3 +125,103 @@ def efficiency_figure(rows, *, title: str | None = None):
     axes[2].set_title("cache: measured (solid), predicted (dashed)", fontsize=9)
     fig.suptitle(title or "inference efficiency")
     return fig
+
+
+def svd_spectra_figure(spectra, *, title: str | None = None):
+    """The SVD initialisation of MLA at a glance (`nbtools.svd_spectra`): cumulative singular-value energy vs rank
+    of the query and [K_nope; V] matrices, one line per layer (MLA layers of the plan solid, others dotted) with the
+    kept rank dashed; last panel: the energy each layer keeps at that rank."""
+    import seaborn as sns
+
+    df = _frame(spectra)
+    matrices = [m for m in ("q", "kv") if m in set(df.matrix)]
+    fig, axes = _figure(len(matrices) + 1, width=4.4)
+    palette = dict(zip(sorted(df.layer.unique()), sns.color_palette("viridis", df.layer.nunique())))
+    for ax, m in zip(axes, matrices):
+        part = df[df.matrix == m]
+        for layer, g in part.groupby("layer"):
+            ax.plot(g["index"], g.energy, color=palette[layer], linestyle="-" if g.mla.iloc[0] else ":",
+                    label=f"{layer}{' (MLA)' if g.mla.iloc[0] else ''}")
+        ax.axvline(part["rank"].iloc[0], color="black", linestyle="--", linewidth=1)
+        ax.set_xlabel("rank")
+        ax.set_ylabel("cumulative energy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{'query' if m == 'q' else '[K_nope; V]'}: rank {part['rank'].iloc[0]} kept")
+        ax.legend(title="layer", fontsize=7, ncols=2)
+    kept = df[df["index"] <= df["rank"]].groupby(["layer", "matrix"], as_index=False).agg(
+        kept=("energy", "max"), mla=("mla", "first"))
+    sns.barplot(kept, x="layer", y="kept", hue="matrix", hue_order=matrices, ax=axes[-1])
+    axes[-1].legend(title="matrix", fontsize=7, loc="lower right")
+    axes[-1].set_ylim(0, 1.02)
+    axes[-1].set_ylabel("energy kept at the rank")
+    axes[-1].set_title("kept energy per layer (MLA layers: " + ", ".join(
+        str(x) for x in sorted(kept[kept.mla].layer.unique())) + ")")
+    fig.suptitle(title or "SVD spectra of the MLA factorisation")
+    return fig
+
+
+def layer_kl_figure(table, *, mla_layers=(), hybrid_kl: float | None = None, title: str | None = None):
+    """KL(teacher || base with one layer converted) per layer and block kind (`nbtools.layer_kl`); the plan's MLA
+    layers are starred, and the converted hybrid's own KL is a dashed line when given."""
+    import seaborn as sns
+
+    df = _frame(table)
+    fig, (ax,) = _figure(1, width=max(5.0, 0.5 * df.layer.nunique() * df.kind.nunique() + 2), height=3.8)
+    sns.barplot(df, x="layer", y="kl", hue="kind", ax=ax)
+    ax.set_xticks(range(df.layer.nunique()),
+                  [f"{i}*" if i in set(mla_layers) else str(i) for i in sorted(df.layer.unique())])
+    if hybrid_kl is not None:
+        ax.axhline(hybrid_kl, color="black", linestyle="--", linewidth=1, label=f"hybrid {hybrid_kl:.3f}")
+        ax.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("converted layer (* = MLA in the plan)")
+    ax.set_ylabel("KL to the teacher at init")
+    ax.set_title(title or "what converting one layer costs")
+    return fig
+
+
+def loss_curves(history, *, title: str | None = None):
+    """Training loss and held-out KL vs step, one line per training run (`nbtools.LiveLoss.history()`:
+    run, split "train" | "eval", step, value)."""
+    import seaborn as sns
+
+    df = _frame(history)
+    fig, axes = _figure(2, width=5.0, height=3.4)
+    for ax, (split, label) in zip(axes, (("train", "training loss"), ("eval", "held-out KL to the teacher"))):
+        part = df[df.split == split]
+        if len(part):
+            sns.lineplot(part, x="step", y="value", hue="run", marker="o" if split == "eval" else None, ax=ax)
+            if (part.value > 0).all():
+                ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "distillation")
+    return fig
+
+
+def sweep_overview(frame, metrics=(), *, max_metrics: int = 8, title: str | None = None):
+    """A sweep's table at a glance (`compare.sweep_runs` frame): each point's duration and status, and up to
+    `max_metrics` metrics (the given ones, else the first columns after run_id) per point."""
+    import seaborn as sns
+
+    df = _frame(frame)
+    cols = list(df.columns)
+    candidates = cols[cols.index("run_id") + 1:] if "run_id" in cols else []
+    names = [m for m in (metrics or candidates) if m in cols][:max_metrics]
+    fig, axes = _figure(2, width=5.2, height=max(3.0, 0.35 * len(df) + 1.5))
+    sns.barplot(df, y="point", x="duration_s", hue="status", dodge=False, ax=axes[0])
+    axes[0].set_xlabel("duration (s)")
+    axes[0].set_title("points")
+    long = df.melt(id_vars=["point"], value_vars=names, var_name="metric", value_name="value").dropna()
+    if len(long):
+        sns.barplot(long, y="point", x="value", hue="metric", ax=axes[1])
+        axes[1].legend(fontsize=7)
+    else:
+        axes[1].text(0.5, 0.5, "no metrics", ha="center", va="center", transform=axes[1].transAxes)
+    axes[1].set_ylabel("")
+    axes[1].set_title("metrics")
+    fig.suptitle(title or "sweep")
+    return fig

@@ -47,6 +47,37 @@ def test_same_seed_same_rows_other_seed_other_rows(corpus, tokenizer):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_rows_do_not_depend_on_the_process_or_where_the_data_lies(corpus, tokenizer, tmp_path):
+    """A fresh Python process reading a copy of the corpus in another folder packs the very same rows (task
+    rows with cwe / fwe included, whose words come from a module-level cache)."""
+    import shutil
+    import subprocess
+    import sys
+
+    syn = SyntheticSpec(fraction=0.5, tasks=["niah_single_1", "cwe", "fwe", "vt"], answer_room=32)
+    here = PackedStream(specs(corpus), tokenizer, 192, seed=5, synthetic=syn).next_batch(24)
+    assert 6 <= int(sum("Answer:" in tokenizer.decode(r) for r in here.tolist())) <= 18
+    copy = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(corpus, copy)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    script = f"""
+import json, sys
+from transformers import AutoTokenizer
+from hylo_lab.data.packing import PackedStream, SyntheticSpec
+from hylo_lab.data.sources import SourceSpec
+from hylo_lab.data.tasks import tokenizer_corpus
+tokenizer_corpus(5)  # touches the synthetic-word cache first, unlike the test process
+tok = AutoTokenizer.from_pretrained({str(tmp_path / "tok")!r})
+specs = [SourceSpec(type="text", path={str(copy / "a.txt")!r}, separator="\\n\\n"),
+         SourceSpec(type="text", path={str(copy / "b.txt")!r}, separator="\\n\\n")]
+syn = SyntheticSpec(fraction=0.5, tasks=["niah_single_1", "cwe", "fwe", "vt"], answer_room=32)
+print(json.dumps(PackedStream(specs, tok, 192, seed=5, synthetic=syn).next_batch(24).tolist()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == here.tolist()
+
+
 @pytest.mark.parametrize("k", [0, 3, 11], ids=lambda k: f"after{k}rows")
 def test_resume_from_state_dict_continues_with_the_next_row(corpus, tokenizer, k):
     syn = SyntheticSpec(fraction=0.3, tasks=["niah_single_1", "vt"])
@@ -81,6 +112,17 @@ def test_synthetic_rows_hold_a_task_prompt_and_its_answer(corpus, tokenizer):
     short = PackedStream(specs(corpus), tokenizer, 64, seed=3, synthetic=syn)  # below min_seq_len: text only
     short.next_batch(8)
     assert short.task_samples == 0
+
+
+# 400 rows: the binomial standard deviation of the share is <= 0.025, so 0.05 is two of them (fixed seeds)
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.6])
+def test_synthetic_share_of_rows_follows_the_mixing_ratio(corpus, tokenizer, fraction):
+    syn = SyntheticSpec(fraction=fraction, tasks=["niah_single_1", "vt"], answer_room=32)
+    stream = PackedStream(specs(corpus), tokenizer, 192, seed=11, synthetic=syn)
+    rows = stream.next_batch(400)
+    with_task = sum("Answer:" in tokenizer.decode(r) for r in rows.tolist())
+    assert with_task == stream.task_samples
+    assert abs(with_task / 400 - fraction) < 0.05, with_task
 
 
 def test_synthetic_spec_checks_tasks():

@@ -96,6 +96,19 @@ def test_datasets_directory_from_save_to_disk(tmp_path):
         open_source(SourceSpec(type="datasets", path=str(tmp_path / "ds"), split="validation"))
 
 
+def test_streaming_datasets_source_reads_in_order_resumes_and_wraps(tmp_path):
+    """`streaming: true` (the hub path, here a local folder of jsonl files so it runs offline): documents in file
+    order, any position k reached again by skipping (what a resumed run does), epochs restart the stream."""
+    (tmp_path / "stream").mkdir()
+    (tmp_path / "stream" / "part.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    spec = SourceSpec(type="datasets", path=str(tmp_path / "stream"), streaming=True)
+    docs = open_source(spec)
+    assert [docs.get(k) for k in range(7)] == [f"doc {i}" for i in (0, 1, 2, 3, 4, 0, 1)]
+    assert docs.length == 5 and docs.epoch_of(7) == 1
+    fresh = open_source(spec)
+    assert fresh.get(3) == "doc 3" and fresh.get(4) == "doc 4"  # a resumed reader jumps straight to k
+
+
 def test_epochs_reshuffle_deterministically():
     a = Documents(list(range(10)), "x", seed=3)
     b = Documents(list(range(10)), "x", seed=3)

@@ -115,10 +115,15 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert latest_checkpoint(tmp_path / "out" / "kd") == ckpt
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
     assert not (tmp_path / "out" / "kd" / "final").exists()
-    # The kept checkpoint is good: without the poison the run resumes from it and finishes.
+    # The kept checkpoint is good: without the poison the run resumes from it and finishes, with the weights of
+    # a run that never failed (a crash mid-run, resumed from a periodic checkpoint, not from a --max-steps stop).
     monkeypatch.setattr(Distiller, "loss_hook", lambda self, loss, run, step: loss)
     done = run_recipe(recipe(world, tmp_path / "out", ild_steps=2), resume=True)
     assert done["final_model"].endswith("kd/final")
+    clean = run_recipe(recipe(world, tmp_path / "clean", ild_steps=2))
+    a, b = weights(tmp_path / "clean" / "kd" / "final"), weights(tmp_path / "out" / "kd" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert done["runs"]["kd"]["eval_kl"] == clean["runs"]["kd"]["eval_kl"]
 
 
 def test_heldout_kl_falls_in_both_stages_and_is_logged_to_mlflow(world, tmp_path):
@@ -321,3 +326,39 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
     assert {r["student"] for r in results["step"]} == {"hybrid", "llama"}
     assert (tmp_path / "distill_gpu.json").is_file()
     assert "| hybrid |" in (tmp_path / "distill_gpu.md").read_text()
+
+
+def test_two_process_ddp_through_accelerate_launch_matches_one_process(world, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only host starts two processes (torchrun) that
+    train with DDP over gloo (`--cpu --num_processes 2` would start only one). Each process takes half of every
+    global batch, so the result equals the one-process run up to the order of the gradient sums."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    single = run_recipe(recipe(world, tmp_path / "one", ild_steps=2, kd_steps=2, micro_batch_size=2))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(world, tmp_path / "two", ild_steps=2, kd_steps=2, micro_batch_size=2)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "hylo_lab.cli", "distill", str(path), "--no-mlflow"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) on cpu (DistributedType.MULTI_CPU)" in proc.stderr
+    assert proc.stdout.count("final model:") == 1  # only rank 0 reports
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for run in ("ild/mla", "ild/gdn", "kd"):
+        a, b = weights(tmp_path / "one" / run / "final"), weights(tmp_path / "two" / run / "final")
+        assert a.keys() == b.keys()
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(f"{run}: max |one - two| = {worst:.2e}")
+        assert worst < 1e-4, (run, worst)
+        kl_one = [v for _, v in single["runs"][run]["eval_kl"]]
+        kl_two = [v for _, v in two["runs"][run]["eval_kl"]]
+        assert kl_two == pytest.approx(kl_one, rel=1e-4), run
+    start, end = weights(tmp_path / "two" / "assembled" / "final"), weights(tmp_path / "two" / "kd" / "final")
+    assert any(not torch.equal(start[k], end[k]) for k in start)  # the two processes did train

@@ -251,3 +251,16 @@ def test_forced_kernel_on_cpu_raises_clearly(backend):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown kernel backend"):
         dispatch.use_kernel("fla", "triton", torch.zeros(1))
+
+
+def test_auto_backend_avoids_a_refused_fla_backward(monkeypatch):
+    """Under "auto", a chunked call that will need a backward fla refuses on this GPU runs the reference;
+    inference (no grad) and a forced "fla" still take the kernel."""
+    monkeypatch.setattr(dispatch, "use_kernel", lambda name, backend, *t: True)
+    monkeypatch.setattr(dispatch, "fla_gated_backward_refused", lambda: "refused here")
+    x = torch.randn(2, requires_grad=True)
+    assert not dispatch.use_fla_chunk("auto", x)
+    assert dispatch.use_fla_chunk("fla", x)
+    with torch.no_grad():
+        assert dispatch.use_fla_chunk("auto", x)
+    assert dispatch.use_fla_chunk("auto", x.detach())

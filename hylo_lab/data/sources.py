@@ -16,8 +16,9 @@ Local text, jsonl and parquet sources are read into memory when opened: fine for
 use "datasets" (memory-mapped) for corpora that do not fit in RAM.
 
 Documents are addressed by a running index k (0, 1, 2, ...) that never resets: `Documents.get(k)` returns
-document k mod n of epoch k // n, epochs reshuffled from (seed, source name, epoch) when `shuffle`. So a
-reader's position is one integer, which is what makes packing resumable (packing.py).
+document k mod n of epoch k // n, epochs reshuffled from (seed, `SourceSpec.shuffle_key`, epoch) when `shuffle`
+(the key names the file or folder but not where it lies, so copied data gives the same order). So a reader's
+position is one integer, which is what makes packing resumable (packing.py).
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ class SourceSpec:
     def label(self) -> str:
         return f"{self.type}:{self.path or self.name or self.split}"
 
+    @property
+    def shuffle_key(self) -> str:
+        """What seeds this source's epoch orders besides the seed: the label without the folders above the
+        file, directory or glob, so the same data in another place (machine, temporary folder) gives the same
+        rows."""
+        if self.path:
+            return f"{self.type}:{os.path.basename(self.path.rstrip('/'))}"
+        return f"{self.type}:{self.name}/{self.config}" if self.name else f"{self.type}:{self.split}"
+
     def files(self) -> list[Path]:
         """The local files of a text / jsonl / parquet source (sorted); [] where nothing matches."""
         suffix = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet"}[self.type]
@@ -105,8 +115,9 @@ class SourceSpec:
 class Documents:
     """A finite list of raw documents (str, or a list of chat messages) read through a running index."""
 
-    def __init__(self, docs, label: str, *, seed: int = 0, shuffle: bool = True):
+    def __init__(self, docs, label: str, *, seed: int = 0, shuffle: bool = True, key: str | None = None):
         self.docs, self.label, self.seed, self.shuffle = docs, label, seed, shuffle
+        self.key = label if key is None else key  # seeds the epoch orders (SourceSpec.shuffle_key)
         if len(docs) == 0:
             raise ValueError(f"data source {label} holds no documents")
         self._epoch, self._order = -1, None
@@ -118,7 +129,7 @@ class Documents:
         if epoch != self._epoch:
             n = len(self.docs)
             if self.shuffle:
-                seq = np.random.SeedSequence([self.seed, epoch, *self.label.encode()])
+                seq = np.random.SeedSequence([self.seed, epoch, *self.key.encode()])
                 self._order = np.random.default_rng(seq).permutation(n)
             else:
                 self._order = np.arange(n)
@@ -239,7 +250,7 @@ def _open_datasets(spec: SourceSpec, seed: int):
         ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=spec.streaming)
     if isinstance(ds, datasets.IterableDataset):
         return StreamDocuments(ds, spec.field, spec.label)
-    return Documents(_ColumnView(ds, spec.field), spec.label, seed=seed, shuffle=spec.shuffle)
+    return Documents(_ColumnView(ds, spec.field), spec.label, seed=seed, shuffle=spec.shuffle, key=spec.shuffle_key)
 
 
 def open_source(spec: SourceSpec, *, seed: int = 0, toy_world=None):
@@ -248,7 +259,7 @@ def open_source(spec: SourceSpec, *, seed: int = 0, toy_world=None):
         if not spec.files():
             raise FileNotFoundError(f"data source {spec.label}: no {spec.type} file matches {spec.path!r}")
         read = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}[spec.type]
-        return Documents(read(spec), spec.label, seed=seed, shuffle=spec.shuffle)
+        return Documents(read(spec), spec.label, seed=seed, shuffle=spec.shuffle, key=spec.shuffle_key)
     if spec.type == "datasets":
         return _open_datasets(spec, seed)
     if toy_world is None:
@@ -256,7 +267,7 @@ def open_source(spec: SourceSpec, *, seed: int = 0, toy_world=None):
     from .toy import read_corpus
 
     path = toy_world.corpus_train if spec.split == "train" else toy_world.corpus_heldout
-    return Documents(read_corpus(path), spec.label, seed=seed, shuffle=spec.shuffle)
+    return Documents(read_corpus(path), spec.label, seed=seed, shuffle=spec.shuffle, key=spec.shuffle_key)
 
 
 def tokenize_document(doc, tokenizer, fmt: str = "text") -> list[int]:

@@ -20,8 +20,9 @@ Modelled on the task descriptions of RULER (Hsieh et al., 2024), with short prom
 
 Construction. A prompt is separately tokenized pieces, concatenated (never the tokenization of the whole text):
 BOS (only if the tokenizer adds one itself) + intro + haystack pieces with needle pieces inserted + question and
-answer prefix ("\\nAnswer:"). The haystack is filled piece by piece (noise/essay/file sentences, other needles,
-documents, list words) and its last piece is cut at token level, so `len(input_ids) == length` exactly and
+answer prefix ("\\nAnswer:"; for the NIAH tasks, as in RULER, followed by the needle restated up to its value,
+e.g. "\\nAnswer: The magic number for steep-cactus is", so the answer continues it). The haystack is filled
+piece by piece (noise/essay/file sentences, other needles, documents, list words) and its last piece is cut at token level, so `len(input_ids) == length` exactly and
 every needle's token span is known (`meta["needle_spans"]`). Pieces are written with their natural leading
 space; for tokenizers that add a prefix space themselves (SentencePiece-like, whitespace pre-tokenizers) that
 space is dropped. Haystack sentences, words and documents are tokenized once per tokenizer and cached.
@@ -329,13 +330,22 @@ def _haystack_stream(t: _Tok, kind: str, rng: random.Random):
     return (ids[i % len(ids)] for i in itertools.count(start)), start, str(path)
 
 
+SYNTHETIC_WORD_BLOCK = 4096  # every caller asks for <= 4096 words: one block, the sequence of seed 0
+
+
 def _synthetic_words(n: int, _cache: list[str] = []) -> list[str]:  # noqa: B006 - deliberate module cache
     """The first n pronounceable nonsense words (2-3 syllables) of one fixed sequence; none is an English
-    word of this module."""
-    if len(_cache) < n:
-        rng = random.Random(f"hylo_lab.synthetic:{len(_cache)}")
-        seen = set(_cache) | set(CWE_WORDS)
-        while len(_cache) < n:
+    word of this module. The sequence grows in whole blocks, block b drawn from its own seed b, so it does not
+    depend on which lengths were asked for before (a process that first asked for 300 words gets the same
+    4096 as a fresh one)."""
+    seen = None
+    while len(_cache) < n:
+        if seen is None:
+            seen = set(_cache) | set(CWE_WORDS)
+        block = len(_cache) // SYNTHETIC_WORD_BLOCK
+        rng = random.Random(f"hylo_lab.synthetic:{block}")
+        end = (block + 1) * SYNTHETIC_WORD_BLOCK
+        while len(_cache) < end:
             w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3))))
             if w not in seen:
                 seen.add(w)
@@ -438,12 +448,14 @@ def _niah(task, t: _Tok, length, depth, rng, haystack, num_distractors, num_digi
     texts = [NIAH_NEEDLE.format(v=v, key=k, value=x) for k, vals in zip(keys, values) for x in vals]
     asked = keys[: spec["queries"]]
     answers = [x for vals in values[: spec["queries"]] for x in vals]
+    # As in RULER, the answer prefix restates the needle up to its value, so the answer continues it.
     if spec["queries"] > 1:
-        question = f"\nWhat are the magic {vs} for {', '.join(asked[:-1])} and {asked[-1]}?"
+        listed = f"{', '.join(asked[:-1])} and {asked[-1]}"
+        question, prefix = f"\nWhat are the magic {vs} for {listed}?", f"{ANSWER_PREFIX} The magic {vs} for {listed} are"
     elif spec["values"] > 1:
-        question = f"\nWhat are all the magic {vs} for {asked[0]}?"
+        question, prefix = f"\nWhat are all the magic {vs} for {asked[0]}?", f"{ANSWER_PREFIX} The magic {vs} for {asked[0]} are"
     else:
-        question = f"\nWhat is the magic {v} for {asked[0]}?"
+        question, prefix = f"\nWhat is the magic {v} for {asked[0]}?", f"{ANSWER_PREFIX} The magic {v} for {asked[0]} is"
     drawn = rng.random()  # always drawn, so an explicit depth leaves every other draw unchanged
     depth = drawn if depth is None else depth
     depths = [depth] + [rng.random() for _ in texts[1:]]
@@ -454,13 +466,13 @@ def _niah(task, t: _Tok, length, depth, rng, haystack, num_distractors, num_digi
         stream, start, kind = _haystack_stream(t, haystack or spec["haystack"], rng)
     head = t.bos + t.one(NIAH_INTRO.format(vs=vs))
     ids, spans, realised, budget, n_pieces = _assemble(
-        task, length, head, stream, t.encode(texts, memo=False), depths, t.one(question + ANSWER_PREFIX))
+        task, length, head, stream, t.encode(texts, memo=False), depths, t.one(question + prefix))
     if spec["values"] > 1:  # one key's values: expected in the order they appear (multiquery: as asked)
         answers = [answers[j] for j in sorted(range(len(answers)), key=lambda j: spans[j][0])]
     meta = dict(haystack=kind, haystack_start=start, haystack_tokens=budget, haystack_pieces=n_pieces,
                 needle_spans=spans, needle_depths=realised, needles=[x.strip() for x in texts],
                 asked_needles=len(answers), keys=asked, key_type=spec["key"], value_type=spec["value"],
-                num_distractors=n_distractors, question=question.strip(), answer_prefix=ANSWER_PREFIX.strip())
+                num_distractors=n_distractors, question=question.strip(), answer_prefix=prefix.strip())
     return ids, answers, depth, meta
 
 

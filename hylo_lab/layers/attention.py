@@ -34,6 +34,48 @@ def causal_sdpa(q, k, v, past: int, attention_mask=None, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def prefill_attention(q, k, v, past: int, attention_mask=None, scale=None):
+    """Causal attention of T new queries over S = past + T keys, GQA-aware.
+
+    q [B, H, T, D]; k [B, Hkv, S, D]; v [B, Hkv, S, Dv] with H a multiple of Hkv. On CUDA in half precision
+    without padding this is one flash-attention call: K/V heads are shared in the kernel (never repeated)
+    and the causal diagonal sits at the bottom right (query t sees keys <= past + t), so a prefill chunk
+    over a long cache needs no [T, S] mask. D != Dv is padded to the larger (flash needs equal dims).
+    Elsewhere: K/V repeated to H heads and causal_sdpa (the reference).
+    """
+    H, Hkv = q.shape[1], k.shape[1]
+    if attention_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_bottom_right(q, k, v, scale)
+        if out is not None:
+            return out
+    rep = H // Hkv
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return causal_sdpa(q, k, v, past, attention_mask, scale=scale)
+
+
+def _flash_bottom_right(q, k, v, scale):
+    D, Dv = q.shape[-1], v.shape[-1]
+    width = -(-max(D, Dv) // 8) * 8
+    if width > 256:
+        return None
+    scale = D ** -0.5 if scale is None else scale
+    if D != width:
+        q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))
+    if Dv != width:
+        v = F.pad(v, (0, width - Dv))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    try:  # flash's own causal flag aligns the diagonal bottom-right when T < S; K/V heads shared in-kernel
+        o = flash(q, k, v, 0.0, True, False, scale=scale)[0]
+    except RuntimeError:
+        rep = q.shape[1] // k.shape[1]
+        try:  # a build whose flash entry point refuses GQA: repeat K/V, still no [T, S] mask
+            o = flash(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), 0.0, True, False, scale=scale)[0]
+        except RuntimeError:
+            return None
+    return o[..., :Dv]
+
+
 class Attention(nn.Module):
     """softmax(q k^T / sqrt(d)) v with RoPE on q and k; K/V heads repeated to the query heads."""
 

@@ -144,8 +144,9 @@ class GatedDeltaNet(nn.Module):
             backend=self.kernel_backend)
         if state is not None:
             if self.use_short_conv:
-                state.conv.update(q_conv1d=cq, k_conv1d=ck, v_conv1d=cv)
-            state.recurrent = final
+                for name, tail in zip(CONV_NAMES, (cq, ck, cv)):
+                    state.set_conv(name, tail)
+            state.set_recurrent(final)
 
         if self.use_gate:
             gate = self.g_proj(x).view(Bsz, T, self.num_heads, self.head_v_dim)

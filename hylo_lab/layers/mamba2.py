@@ -130,8 +130,8 @@ class Mamba2(nn.Module):
                        output_final_state=state is not None, chunk_size=self.chunk_size,
                        backend=self.kernel_backend)
         if state is not None:
-            state.conv["conv1d"] = conv_tail
-            state.recurrent = final
+            state.set_conv("conv1d", conv_tail)
+            state.set_recurrent(final)
         y = (y.to(acc) + self.D.to(acc)[:, None] * x.to(acc)).to(dtype)
         y = self.norm(y.reshape(Bsz, T, self.d_inner), z)
         return self.out_proj(y)

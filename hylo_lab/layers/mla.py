@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import causal_sdpa
+from .attention import causal_mask, prefill_attention
 from .common import RMSNorm, apply_rotary
 
 # Above this many new tokens with a non-empty cache, expanding K/V beats the absorbed form.
@@ -59,44 +59,58 @@ class MLA(nn.Module):
         c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         c = self.kv_a_layernorm(c)
         k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        if state is not None and state.static and T == 1:
+            if attention_mask is not None:
+                raise ValueError("the static (CUDA-graph) decode path takes no attention_mask: rows are unpadded")
+            state.write_at_position(c, k_rope)
+            valid = torch.arange(state.capacity, device=x.device) <= state.position  # rows 0..position
+            o = self.absorbed(q_nope, q_rope, state.kv, valid[None, None, :])
+            return self.o_proj(o.reshape(B, T, H * self.v_dim))
         past = 0
         if state is not None:
-            past = 0 if state.latent is None else state.latent.shape[1]
-            c, k_rope = state.append(c, k_rope)
+            past = state.length
+            state.append(c, k_rope)
         if past > 0 and T <= ABSORB_MAX_TOKENS:
-            o = self.absorbed(q_nope, q_rope, c, k_rope, past, attention_mask)
+            allowed = causal_mask(T, past, attention_mask, x.device)[:, 0]  # [B|1, T, S]
+            o = self.absorbed(q_nope, q_rope, state.filled(), allowed)
         else:
+            if state is not None:
+                c, k_rope = state.latent, state.k_rope
             o = self.expanded(q_nope, q_rope, c, k_rope, past, attention_mask)
         return self.o_proj(o.reshape(B, T, H * self.v_dim))
 
     def expanded(self, q_nope, q_rope, c, k_rope, past, attention_mask):
-        """Expand the latent to per-head K/V ([B, S, Hkv, nope + v]) and run fused causal attention."""
+        """Expand the latent to per-KV-head K/V ([B, S, Hkv, nope + v]) and run fused causal attention
+        (prefill_attention: flash with GQA and the causal diagonal at the bottom right on CUDA)."""
         B, S, _ = c.shape
-        H, Hkv, rep = self.num_heads, self.num_kv_heads, self.num_heads // self.num_kv_heads
+        Hkv = self.num_kv_heads
         kv = self.kv_b_proj(c).view(B, S, Hkv, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, :, None].expand(B, S, Hkv, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
-        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)
-        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
-        o = causal_sdpa(q, k, v, past, attention_mask, scale=self.scale)
+        o = prefill_attention(q, k.transpose(1, 2), v.transpose(1, 2), past, attention_mask, scale=self.scale)
         return o.transpose(1, 2)
 
-    def absorbed(self, q_nope, q_rope, c, k_rope, past, attention_mask):
-        """Attention in latent space: scores_{h,t,s} = (q_nope_h W_kb^g) . c_s + q_rope_h . k_rope_s, where
-        g = h // (H / Hkv); out_h = W_vb^g (sum_s p_hts c_s) (+ v bias, since p sums to 1)."""
+    def absorbed(self, q_nope, q_rope, kv, allowed):
+        """Attention in latent space over kv = [c | k_rope] [B, S, r + rope], never expanding K/V:
+        scores_{h,t,s} = (q_nope_h W_kb^g) . c_s + q_rope_h . k_rope_s with g = h // (H / Hkv);
+        out_h = W_vb^g (sum_s p_hts c_s) (+ v bias, since p sums to 1). All heads share the one latent "head",
+        so the scores are one [B, H*T, r+rope] x [B, r+rope, S] matrix product (reads the cache once) and the
+        values another. allowed: bool [B|1, T, S] (True = visible) or [1, 1, S] (static decode)."""
         B, T, H, _ = q_nope.shape
-        Hkv, rep = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        w = self.kv_b_proj.weight.view(Hkv, self.nope + self.v_dim, self.kv_lora_rank)
+        Hkv, rep, r = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(Hkv, self.nope + self.v_dim, r)
         w_k = w[:, : self.nope].repeat_interleave(rep, dim=0)  # [H, nope, r]
-        w_v = w[:, self.nope :].repeat_interleave(rep, dim=0)  # [H, v, r]
+        w_v = w[:, self.nope:].repeat_interleave(rep, dim=0)  # [H, v, r]
         # A key bias adds q.b_k to every score of a query: softmax ignores it, so only the value bias remains.
         q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_k)
-        q_cat = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1)  # [B, H, T, r + rope]
-        kv_cat = torch.cat([c, k_rope], dim=-1)[:, None]  # [B, 1, S, r + rope]: one shared "head"
-        o_lat = causal_sdpa(q_cat, kv_cat.expand(B, H, -1, -1), c[:, None].expand(B, H, -1, -1), past,
-                            attention_mask, scale=self.scale)  # [B, H, T, r]
-        o = torch.einsum("bhtr,hvr->bthv", o_lat, w_v)
+        q_cat = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1).to(kv.dtype)  # [B, H, T, r + rope]
+        S = kv.shape[1]
+        scores = torch.matmul(q_cat.reshape(B, H * T, -1) * self.scale, kv.transpose(1, 2))  # [B, H*T, S]
+        scores = scores.view(B, H, T, S).masked_fill(~allowed[:, None], float("-inf"))
+        p = torch.softmax(scores, dim=-1).view(B, H * T, S)
+        o_lat = torch.matmul(p, kv[..., :r]).view(B, H, T, r)
+        o = torch.einsum("bhtr,hvr->bthv", o_lat, w_v.to(o_lat.dtype))
         if self.kv_b_proj.bias is not None:
-            o = o + self.kv_b_proj.bias.view(Hkv, -1)[:, self.nope :].repeat_interleave(rep, dim=0)
-        return o
+            o = o + self.kv_b_proj.bias.view(Hkv, -1)[:, self.nope:].repeat_interleave(rep, dim=0)
+        return o.to(q_nope.dtype)

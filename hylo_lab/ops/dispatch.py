@@ -46,6 +46,40 @@ def kernel_available(pkg: str) -> bool:
     return _import_error(pkg) is None
 
 
+@functools.lru_cache(maxsize=None)
+def fla_gated_backward_refused() -> str | None:
+    """flash-linear-attention 0.6 refuses the backward of its gated chunk kernels (GDN, simple_gla) on Hopper
+    with triton >= 3.4 and < 3.7.1 unless tilelang imports (environment.md). Returns the reason, or None."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    try:
+        import triton
+        version = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:3])
+    except Exception:
+        return None
+    if not ((3, 4, 0) <= version < (3, 7, 1)):
+        return None
+    try:
+        importlib.import_module("tilelang")
+        return None
+    except Exception:
+        return f"triton {triton.__version__} on Hopper without tilelang: fla's gated chunk backward is refused"
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def use_fla_chunk(backend: str, *tensors) -> bool:
+    """use_kernel("fla") for a chunked (T > 1) gated op, except when a backward will be needed and fla would
+    refuse it on this GPU: then the PyTorch reference (forward and backward) runs instead, under "auto" only."""
+    if not use_kernel("fla", backend, *tensors):
+        return False
+    if backend == "auto" and needs_grad(*tensors) and fla_gated_backward_refused():
+        return False
+    return True
+
+
 def _all_cuda(tensors) -> bool:
     return all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
 

@@ -20,7 +20,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from hylo_lab.ops.dispatch import use_kernel
+from hylo_lab.ops.dispatch import use_fla_chunk, use_kernel
 
 L2NORM_EPS = 1e-6  # fla's l2norm: x / sqrt(sum x^2 + eps)
 
@@ -39,10 +39,14 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
 
     Returns o [B, T, H, V] (q's dtype) and the final state [B, H, K, V] in float32 (None unless
     output_final_state). backend "mamba_ssm" has no gated-delta kernel and behaves as "auto" here.
+    T == 1 runs fla's fused_recurrent kernel (decode), T > 1 its chunk kernel; under "auto" a call that will
+    need a backward fla refuses on this GPU (dispatch.fla_gated_backward_refused) takes the reference.
     """
     if backend == "mamba_ssm":
         backend = "auto"
-    if use_kernel("fla", backend, q, k, v, g, beta):
+    fla = use_kernel("fla", backend, q, k, v, g, beta) if q.shape[1] == 1 else use_fla_chunk(
+        backend, q, k, v, g, beta, initial_state)
+    if fla:
         return _fla_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                      output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,

@@ -20,7 +20,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from hylo_lab.ops.dispatch import use_kernel
+from hylo_lab.ops.dispatch import use_fla_chunk, use_kernel
 
 
 def _acc_dtype(*tensors):
@@ -37,7 +37,9 @@ def ssd(x, dt, A, B, C, *, initial_state=None, output_final_state=True, chunk_si
     if use_kernel("mamba_ssm", backend, *tensors):
         return _mamba_ssm_ssd(x, dt, A, B, C, initial_state=initial_state,
                               output_final_state=output_final_state, chunk_size=chunk_size)
-    if use_kernel("fla", backend, *tensors):
+    fla = use_kernel("fla", backend, *tensors) if x.shape[1] == 1 else use_fla_chunk(backend, *tensors,
+                                                                                       initial_state)
+    if fla:
         return _fla_ssd(x, dt, A, B, C, initial_state=initial_state, output_final_state=output_final_state)
     if x.shape[1] == 1:
         return recurrent_ssd(x, dt, A, B, C, initial_state=initial_state, output_final_state=output_final_state)

@@ -1,0 +1,574 @@
+"""The embedded default: the whole HyLo recipe on the offline toy world, as plain functions (issue 6).
+
+    toy world + teachers (cached) -> upcycle llama-s to MLA + GDN/Mamba2 -> stage 1 Enhanced-ILD -> stage 2 KD
+    (staged: the teachers' length, then `stage2_seq_len` with YaRN on the MLA layers) -> NIAH accuracy,
+    short-context perplexity and cache bytes of the teacher (with and without YaRN) and the hybrid at 1x .. 32x
+    the teacher's training length -> figures, a summary table, MLflow.
+
+`notebooks/00_quickstart.ipynb` calls these one per cell; `hylo-lab demo` executes that notebook with papermill
+(`run_demo`) and writes the executed notebook, its HTML and the PNG figures to one folder. `DemoSettings` holds
+exactly the notebook's parameters, so ablation sweeps (ablations/*.yaml) set the same names.
+
+Metric names (one MLflow run): `eval/niah/<length>` and `eval/ppl/<length>` for the hybrid (what the ablations
+compare), `eval/niah/teacher/<length>`, `eval/niah/teacher_yarn/<length>`, `eval/ppl/teacher/<length>`,
+`eval/cache_bytes/<model>/<length>`, per task `eval/ruler/<model>/<length>/<task>`, training curves
+`train/<stage>/...`, and `demo/...` for the goal checks and timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data.toy import TEACHER_NIAH_TASKS, TEACHERS, TOY_TRAIN_LEN
+
+BASE = "llama-s"  # the teacher that is upcycled (stage 1's teacher too)
+# The needle tasks behind `eval/niah/<length>`: one number retrieved by a word key from a repetitive (noise) or a
+# varied (essay) haystack, and the same with three distractor needles. uuid values (niah_*_3) are beyond what the
+# toy teachers learn in minutes and are left out; every task's score is logged on its own as well.
+NIAH_TASKS = TEACHER_NIAH_TASKS
+LINEAR_NAMES = {"gdn": "GDN", "mamba2": "M2"}
+DEFAULT_OUT = "runs/demo"
+
+
+@dataclass
+class DemoSettings:
+    """The quickstart notebook's parameters (defaults = the full demo). See the notebook for each one's help."""
+
+    run_id: str = ""  # MLflow run to log into (set by hylo-lab sweep); "" = a new run
+    parent_run_id: str = ""  # the sweep's parent run
+    experiment: str = "quickstart"  # MLflow experiment
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db
+    seed: int = 0
+    quick: bool = False  # tiny teachers, few steps, two lengths: every step in about a minute (CI)
+    teacher: str = "llama-s"  # stage-2 teacher: a toy teacher name, or "none" (next-token cross-entropy only)
+    layout: str = "2MLA2GDN"  # MLA and linear layer counts of the 4-layer llama-s student
+    mla_layers: str = ""  # "" = evenly spaced, else 0-based indices such as "0,1"
+    linear: str = "gdn"  # the linear block: gdn | mamba2 (replaces the layout's linear name)
+    stage2_seq_len: int = 512  # tokens per row of the last stage-2 stage
+    stage2_steps: int = 200  # optimizer steps of stage 2 (all its stages together)
+    yarn_factor: float = 32.0  # YaRN factor on the MLA layers in the last stage (0 = no YaRN)
+    eval_lengths: str = "256,512,1024,2048,4096,8192"  # context lengths of the evaluation
+    out_dir: str = ""  # where models, tables and figures go ("" = runs/demo)
+
+    def __post_init__(self):
+        problems = []
+        if self.teacher != "none" and self.teacher not in TEACHERS:
+            problems.append(f"teacher={self.teacher!r}: choose 'none' or one of {', '.join(TEACHERS)}")
+        if self.linear not in LINEAR_NAMES:
+            problems.append(f"linear={self.linear!r}: choose gdn or mamba2")
+        for name in ("stage2_seq_len", "stage2_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.stage2_seq_len < 64:
+            problems.append(f"stage2_seq_len={self.stage2_seq_len} is below 64 tokens")
+        if not (self.yarn_factor == 0 or self.yarn_factor >= 1):
+            problems.append(f"yarn_factor={self.yarn_factor} must be 0 (no YaRN) or >= 1")
+        try:
+            lengths = self.lengths
+            if not lengths or any(n < 64 for n in lengths):
+                problems.append(f"eval_lengths={self.eval_lengths!r}: give lengths >= 64 tokens")
+        except ValueError:
+            problems.append(f"eval_lengths={self.eval_lengths!r}: expected comma-separated integers like '256,512'")
+        try:
+            self.mla_indices
+        except ValueError:
+            problems.append(f"mla_layers={self.mla_layers!r}: expected '' or comma-separated layer indices like '0,1'")
+        if not problems:
+            try:
+                self.mixers
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("demo settings are invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    @property
+    def lengths(self) -> list[int]:
+        return sorted({int(x) for x in str(self.eval_lengths).replace(" ", "").split(",") if x})
+
+    @property
+    def mla_indices(self) -> list[int] | None:
+        text = self.mla_layers.replace(" ", "")
+        return [int(x) for x in text.split(",") if x] if text else None
+
+    @property
+    def student_layout(self) -> str:
+        """The layout with the chosen linear block: '2MLA2GDN' + linear=mamba2 -> '2MLA2M2'."""
+        from .config import LAYOUT_NAMES, LINEAR_MIXERS
+
+        import re
+
+        names = "|".join(sorted(LAYOUT_NAMES, key=len, reverse=True))
+        parts = re.findall(rf"(\d+)({names})", self.layout.replace(" ", ""), flags=re.IGNORECASE)
+        if not parts or "".join(n + b for n, b in parts) != self.layout.replace(" ", ""):
+            raise ValueError(f"layout={self.layout!r}: expected counts and block names like '2MLA2GDN'")
+        out = []
+        for n, block in parts:
+            mixer = LAYOUT_NAMES.get(block.upper())
+            if mixer not in ("mla",) + LINEAR_MIXERS:
+                raise ValueError(f"layout={self.layout!r}: the demo's student has MLA and linear blocks only")
+            out.append(f"{n}{'MLA' if mixer == 'mla' else LINEAR_NAMES[self.linear]}")
+        return "".join(out)
+
+    @property
+    def mixers(self) -> list[str]:
+        from .config import parse_layout
+
+        n_layers = TEACHERS[BASE]["num_hidden_layers"]  # quick teachers keep the layer count
+        mixers = parse_layout(self.student_layout, n_layers, self.mla_indices)
+        if "mla" not in mixers or all(m == "mla" for m in mixers):
+            raise ValueError(f"layout={self.layout!r}: the hybrid needs at least one MLA and one linear layer")
+        return mixers
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out_dir or DEFAULT_OUT)
+
+    @property
+    def teacher_yarn_factor(self) -> float:
+        """YaRN factor of the 'teacher with YaRN' baseline: the hybrid's, else enough for the longest length."""
+        return float(self.yarn_factor) if self.yarn_factor else max(1.0, max(self.lengths) / TOY_TRAIN_LEN)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The knobs that --quick shrinks; the full values are in `plan`.
+# eval_samples: per NIAH task and length (long_eval_samples beyond 2048 tokens, where a CPU prefill of the hybrid's
+# reference GDN kernel takes seconds); cache bytes are measured up to measure_cache_up_to tokens, predicted beyond.
+QUICK_PLAN = dict(ild_steps=4, kd_short_steps=2, batch_size=4, eval_samples=2, long_eval_samples=2, ppl_tokens=2048,
+                  eval_rows=2, measure_cache_up_to=2048)
+FULL_PLAN = dict(ild_steps=150, kd_short_fraction=0.5, batch_size=16, eval_samples=4, long_eval_samples=2,
+                 ppl_tokens=32768, eval_rows=8, measure_cache_up_to=2048)
+
+
+def log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up and tracking
+
+
+def start(settings: DemoSettings):
+    """Make the output folder and the MLflow run (the given run_id under a sweep); log the settings once.
+    Returns the Tracker (inactive when MLflow is unreachable: the demo goes on without logging)."""
+    from .tracking import Tracker
+
+    folder = settings.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "figures").mkdir(exist_ok=True)
+    tracker = Tracker(settings.experiment, "demo-quick" if settings.quick else "demo",
+                      tracking_uri=settings.tracking_uri or None, run_id=settings.run_id or None,
+                      parent_run_id=settings.parent_run_id or None, tags={"notebook": "notebooks/00_quickstart.ipynb"})
+    tracker.log_params({k: v for k, v in settings.to_dict().items() if k not in ("run_id", "parent_run_id")}
+                       | dict(student_layout=settings.student_layout, mixers=settings.mixers))
+    log(f"settings: {json.dumps(settings.to_dict())}; output in {folder.resolve()}; MLflow run {tracker.run_id}")
+    settings._t0 = time.perf_counter()
+    return tracker
+
+
+def prepare_world(settings: DemoSettings, tracker=None):
+    """Build or reuse the toy world with the base teacher and the stage-2 teacher (trained once, cached)."""
+    from .data.toy import get_toy_world
+
+    names = tuple(dict.fromkeys([BASE] + ([settings.teacher] if settings.teacher != "none" else [])))
+    t0 = time.perf_counter()
+    log(f"toy world with teachers {', '.join(names)} (cached after the first build)")
+    world = get_toy_world(teachers=names, quick=settings.quick, seed=settings.seed)
+    seconds = time.perf_counter() - t0
+    log(f"toy world ready in {seconds:.0f} s at {world.root}")
+    if tracker is not None:
+        tracker.set_tags({"toy_world": str(world.root)})
+        tracker.log_metrics({"demo/seconds/toy_world": seconds})
+        for name in names:
+            info = world.teacher_info(name)
+            tracker.log_metrics({f"teacher/{name}/train_seconds": info["seconds"],
+                                 f"teacher/{name}/loss_last": info["loss_last"]})
+    return world
+
+
+def teacher_check(settings: DemoSettings, world, tracker=None) -> dict:
+    """Does the base teacher work? NIAH accuracy (the demo's tasks) at its training length and held-out
+    perplexity against a unigram model."""
+    from .data.toy import niah_accuracy, perplexity, read_corpus, unigram_perplexity
+
+    tok, model = world.tokenizer(), world.teacher(BASE)
+    n = QUICK_PLAN["eval_samples"] if settings.quick else FULL_PLAN["eval_samples"] * 2
+    acc = niah_accuracy(model, tok, lengths=(TOY_TRAIN_LEN,), num_samples=n, seed=settings.seed, tasks=NIAH_TASKS)
+    heldout, train = read_corpus(world.corpus_heldout), read_corpus(world.corpus_train)
+    ppl = perplexity(model, tok, heldout[:200])
+    uni = unigram_perplexity(tok, train[:3000], heldout[:200])
+    per_task = acc[TOY_TRAIN_LEN]
+    report = dict(niah=sum(per_task.values()) / len(per_task), niah_tasks=per_task, heldout_ppl=ppl, unigram_ppl=uni)
+    log(f"teacher {BASE}: NIAH at {TOY_TRAIN_LEN} = {report['niah']:.2f} {per_task}; held-out ppl {ppl:.2f} "
+        f"(unigram {uni:.1f})")
+    if tracker is not None:
+        tracker.log_metrics({f"teacher/{BASE}/niah/{TOY_TRAIN_LEN}": report["niah"],
+                             f"teacher/{BASE}/heldout_ppl": ppl, f"teacher/{BASE}/unigram_ppl": uni,
+                             **{f"teacher/{BASE}/niah/{TOY_TRAIN_LEN}/{k}": v for k, v in per_task.items()}})
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distillation
+
+
+def build_recipe(settings: DemoSettings, world=None) -> dict:
+    """The recipe (hylo_lab.distill) for these settings: stage 1 Enhanced-ILD at the teachers' length, then
+    stage 2 KD at that length and at `stage2_seq_len` with YaRN on the MLA layers (one KD stage when
+    stage2_seq_len <= the teachers' length). teacher="none": stage 2 trains on cross-entropy only."""
+    s, quick = settings, settings.quick
+    plan = QUICK_PLAN if quick else FULL_PLAN
+    short = TOY_TRAIN_LEN
+    bs = plan["batch_size"]
+    kd = dict(kind="kd", lr=1.0e-3, warmup=0.05, kl="chunked", kl_chunk_size=1024)
+    if s.teacher == "none":
+        kd.update(kl_weight=0.0, ce_weight=1.0)
+    long_kd = dict(kd, lr=5.0e-4, batch_size=max(2, bs * short // s.stage2_seq_len))
+    if s.yarn_factor:
+        long_kd["yarn"] = dict(factor=float(s.yarn_factor), original_max_position_embeddings=short)
+    if s.stage2_seq_len > short:
+        n_short = plan["kd_short_steps"] if quick else max(1, int(s.stage2_steps * plan["kd_short_fraction"]))
+        n_short = min(n_short, s.stage2_steps - 1) if s.stage2_steps > 1 else 0
+        stages2 = ([dict(kd, name=f"kd-{short}", seq_len=short, steps=n_short)] if n_short else []) + [
+            dict(long_kd, name=f"kd-{s.stage2_seq_len}", seq_len=s.stage2_seq_len, steps=s.stage2_steps - n_short)]
+    else:
+        stages2 = [dict(long_kd, name=f"kd-{s.stage2_seq_len}", seq_len=s.stage2_seq_len, steps=s.stage2_steps,
+                        batch_size=bs)]
+    student = dict(layout=s.student_layout, upcycle=dict(rope_init="filled"))
+    if s.mla_indices is not None:
+        student["mla_layers"] = s.mla_indices
+    return dict(
+        name=f"demo-{s.student_layout.lower()}",
+        output_dir=str(s.folder / "distill"),
+        seed=s.seed,
+        base=f"toy:{BASE}",
+        teacher=None if s.teacher == "none" else f"toy:{s.teacher}",
+        toy_world=dict(quick=quick, seed=s.seed, root=None if world is None else str(world.root.parent)),
+        student=student,
+        data=dict(train=[dict(type="toy", split="train")], heldout=[dict(type="toy", split="heldout")],
+                  synthetic=dict(fraction=0.3, tasks=list(NIAH_TASKS), answer_room=48, min_seq_len=128)),
+        train=dict(batch_size=bs, lr_betas=[0.9, 0.95], weight_decay=0.0, clip=1.0, eval_rows=plan["eval_rows"],
+                   eval_every=0, checkpoint_every=0),
+        tracking=dict(enabled=False),
+        stages=[dict(name="ild", kind="ild", seq_len=short, steps=plan["ild_steps"], lr=2.0e-3, warmup=0.05)]
+        + stages2,
+    )
+
+
+def distill(settings: DemoSettings, recipe: dict, tracker=None) -> Path:
+    """Run the recipe into out_dir/distill (a previous demo's folder there is replaced); returns the final
+    hybrid's folder. Training curves go to the demo's MLflow run."""
+    from .distill.trainer import run_recipe
+
+    out = Path(recipe["output_dir"])
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    log("distillation: " + ", ".join(f"{st['name']} ({st['seq_len']} tokens, {st['steps']} steps"
+                                     + (f", YaRN x{st['yarn']['factor']:g}" if st.get("yarn") else "") + ")"
+                                     for st in recipe["stages"]))
+    active = tracker if tracker is not None and tracker.active else None
+    if active is not None:
+        from .tracking import flatten
+
+        stages = {st["name"]: st for st in recipe["stages"]}
+        active.log_params({f"recipe.{k}": v for k, v in flatten(dict(stages=stages, student=recipe["student"],
+                                                                         data=recipe["data"])).items()})
+    summary = run_recipe(recipe, tracker=active)
+    seconds = time.perf_counter() - t0
+    log(f"distillation done in {seconds:.0f} s -> {summary['final_model']}")
+    if active is not None:
+        active.log_metrics({"demo/seconds/distill": seconds})
+        active.set_tags({"final_model": summary["final_model"]})
+    return Path(summary["final_model"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and evaluation
+
+
+def load_models(settings: DemoSettings, world, hybrid_dir) -> dict:
+    """{"teacher": the base teacher, "teacher_yarn": the same with YaRN on every layer, "hybrid": the result},
+    in eval mode on the GPU when there is one."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .eval import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = world.teacher_dirs[BASE]
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
+    factor = settings.teacher_yarn_factor
+    config = AutoConfig.from_pretrained(path)
+    config.rope_parameters = dict(rope_type="yarn", rope_theta=float(config.rope_parameters.get("rope_theta", 1e4)),
+                                  factor=factor, original_max_position_embeddings=TOY_TRAIN_LEN)
+    config.max_position_embeddings = int(max(TOY_TRAIN_LEN * factor, max(settings.lengths)))
+    teacher_yarn = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval().to(device)
+    hybrid, _ = load_model(hybrid_dir, device=device, dtype=torch.float32)
+    log(f"models on {device}: teacher {BASE}, teacher + YaRN x{factor:g}, hybrid {settings.student_layout}")
+    return dict(teacher=teacher, teacher_yarn=teacher_yarn, hybrid=hybrid)
+
+
+def _heldout_stream(world, tokens: int) -> list[int]:
+    from .data.toy import read_corpus
+
+    tok = world.tokenizer()
+    ids: list[int] = []
+    for doc in read_corpus(world.corpus_heldout):
+        ids += tok.encode(doc) + [tok.eos_token_id]
+        if len(ids) >= tokens:
+            break
+    return ids[:tokens]
+
+
+def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
+    """NIAH accuracy (NIAH_TASKS, `eval_samples` samples each at random needle depths, the same samples for every
+    model), perplexity at the teachers' length on held-out text, and cache bytes of every model at every length
+    (predicted by `predict_cache_bytes` in the model's dtype; measured after a prefill of random tokens up to
+    `measure_cache_up_to`). Returns a DataFrame(model, length, niah, ppl, cache_bytes, cache_bytes_measured,
+    ttft_s) and logs the metric names listed in the module docstring."""
+    import pandas as pd
+
+    from .eval.efficiency import measure_efficiency, predict_cache_bytes
+    from .eval.perplexity import run_perplexity
+    from .eval.ruler import run_ruler
+
+    plan = QUICK_PLAN if settings.quick else FULL_PLAN
+    tok = world.tokenizer()
+    lengths = settings.lengths
+    short = TOY_TRAIN_LEN if TOY_TRAIN_LEN in lengths else min(lengths)
+    stream = _heldout_stream(world, plan["ppl_tokens"])
+    active = tracker if tracker is not None and tracker.active else None
+    rows, metrics = [], {}
+    for label, model in models.items():
+        t0 = time.perf_counter()
+        sub = "" if label == "hybrid" else f"{label}/"
+        niah = {}
+        for length in lengths:  # one call per length: batch as many samples as ~16K tokens allow
+            n = plan["eval_samples"] if length <= 2048 else plan["long_eval_samples"]
+            batch = max(1, min(n * len(NIAH_TASKS), 16384 // length))
+            res = run_ruler(model, tok, [length], tasks=NIAH_TASKS, num_samples=n, seed=1000 + settings.seed,
+                            batch_size=batch, prefill_chunk=2048,
+                            out_dir=settings.folder / "eval" / f"niah_{label}" / str(length))
+            niah[length] = float(res["average"].average.iloc[0])
+            metrics.update({f"eval/ruler/{label}/{length}/{r.task}": r.score for r in res["table"].itertuples()
+                            if r.status == "ok"})
+        t_niah = time.perf_counter() - t0
+        ppl = run_perplexity(model, stream, [short], batch_size=8)["by_length"].set_index("length")["ppl"]
+        measured = [n for n in lengths if n <= plan["measure_cache_up_to"]] or lengths[:1]
+        eff = {r["length"]: r for r in measure_efficiency(model, measured, prefill_chunk=2048, decode_tokens=1,
+                                                           warmup=False)}
+        dtype = next(model.parameters()).dtype
+        for length in lengths:
+            e = eff.get(length, {})
+            predicted = predict_cache_bytes(model.config, length, dtype=dtype)["predicted"]
+            rows.append(dict(model=label, length=length, niah=niah[length], ppl=float(ppl.get(length, math.nan)),
+                             cache_bytes=predicted, cache_bytes_measured=e.get("cache_bytes_measured"),
+                             ttft_s=e.get("ttft_s")))
+            metrics[f"eval/niah/{sub}{length}"] = niah[length]
+            metrics[f"eval/cache_bytes/{label}/{length}"] = predicted
+            if e.get("cache_bytes_measured") is not None:
+                metrics[f"eval/cache_bytes_measured/{label}/{length}"] = e["cache_bytes_measured"]
+        metrics[f"eval/ppl/{sub}{short}"] = float(ppl[short])
+        metrics[f"demo/seconds/eval/{label}"] = time.perf_counter() - t0
+        log(f"{label}: NIAH " + ", ".join(f"{k}: {v:.2f}" for k, v in niah.items())
+            + f" | ppl@{short} {float(ppl[short]):.3f} | {time.perf_counter() - t0:.0f} s (NIAH {t_niah:.0f} s)")
+    frame = pd.DataFrame(rows)
+    frame.to_csv(settings.folder / "results.csv", index=False)
+    if active is not None:
+        active.log_metrics(metrics)
+        active.log_artifact(settings.folder / "results.csv", "tables")
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures and the summary
+
+
+def niah_figure(results):
+    """NIAH accuracy vs context length (log2 axis), one line per model, the teachers' length marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    names = dict(teacher=f"teacher {BASE}", teacher_yarn=f"teacher {BASE} + YaRN", hybrid="HyLo hybrid")
+    for label, part in results.groupby("model", sort=False):
+        ax.plot(part.length, part.niah, marker="o", label=names.get(label, label))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(results.length.unique()), [str(x) for x in sorted(results.length.unique())])
+    ax.axvline(TOY_TRAIN_LEN, color="grey", ls=":", lw=1)
+    ax.set(xlabel="context length (tokens)", ylabel="NIAH accuracy", ylim=(-0.03, 1.03),
+           title=f"NIAH ({', '.join(t.replace('niah_', '') for t in NIAH_TASKS)})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def cache_figure(results):
+    """Cache bytes after the prompt vs context length, teacher vs hybrid (log-log)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label in ("teacher", "hybrid"):
+        part = results[results.model == label]
+        ax.plot(part.length, part.cache_bytes.astype(float) / 2**20, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(xlabel="context length (tokens)", ylabel="cache (MiB)", title="cache after the prompt (float32)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(settings: DemoSettings, fig, name: str, tracker=None) -> Path:
+    path = settings.folder / "figures" / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    if tracker is not None:
+        tracker.log_artifact(path, "figures")
+    return path
+
+
+def summarize(settings: DemoSettings, results, teacher_report: dict | None = None, tracker=None) -> dict:
+    """The "Must be shown" numbers (issue 6) from the results table, as a dict; logged as `demo/...` metrics and
+    summary.json. lengths are multiples of the teachers' training length."""
+    import pandas as pd
+
+    pivot = results.pivot_table(index="length", columns="model", values="niah", sort=True)
+    longest = max(settings.lengths)
+    beyond = [n for n in settings.lengths if n > 4 * TOY_TRAIN_LEN]
+    short = TOY_TRAIN_LEN if TOY_TRAIN_LEN in settings.lengths else min(settings.lengths)
+    ppl = results[results.length == short].set_index("model")["ppl"]
+    cache = results[results.length == longest].set_index("model")["cache_bytes"].astype(float)
+    out = dict(
+        quick=settings.quick,
+        teacher_niah_1x=float(pivot.loc[short, "teacher"]),
+        hybrid_niah_longest=float(pivot.loc[longest, "hybrid"]),
+        longest=longest,
+        longest_multiple=longest / TOY_TRAIN_LEN,
+        teacher_niah_beyond_4x_max=float(pivot.loc[beyond, "teacher"].max()) if beyond else math.nan,
+        teacher_yarn_niah_beyond_4x_max=float(pivot.loc[beyond, "teacher_yarn"].max()) if beyond else math.nan,
+        teacher_ppl=float(ppl["teacher"]),
+        hybrid_ppl=float(ppl["hybrid"]),
+        ppl_ratio=float(ppl["hybrid"] / ppl["teacher"]),
+        cache_ratio_longest=float(cache["hybrid"] / cache["teacher"]),
+        seconds=time.perf_counter() - getattr(settings, "_t0", time.perf_counter()),
+    )
+    if teacher_report:
+        out["teacher_check_niah"] = teacher_report["niah"]
+        out["teacher_check_ppl_vs_unigram"] = teacher_report["heldout_ppl"] / teacher_report["unigram_ppl"]
+    out["goals"] = dict(
+        teacher_niah_1x_ge_95=out["teacher_niah_1x"] >= 0.95,
+        hybrid_niah_32x_ge_80=out["hybrid_niah_longest"] >= 0.8 and out["longest_multiple"] >= 32,
+        teachers_below_20_beyond_4x=bool(beyond) and max(out["teacher_niah_beyond_4x_max"],
+                                                         out["teacher_yarn_niah_beyond_4x_max"]) < 0.2,
+        ppl_within_10pct=out["ppl_ratio"] <= 1.10,
+    )
+    if tracker is not None and tracker.active:
+        out.update(run_id=tracker.run_id, tracking_uri=tracker.tracking_uri, experiment=settings.experiment)
+    (settings.folder / "summary.json").write_text(json.dumps(out, indent=2))
+    if tracker is not None and tracker.active:
+        tracker.log_metrics({f"demo/{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))})
+        tracker.log_metrics({f"demo/goal/{k}": float(v) for k, v in out["goals"].items()})
+        tracker.log_artifact(settings.folder / "summary.json", "tables")
+    log(f"done in {out['seconds']:.0f} s; goals: {out['goals']}")
+    return out
+
+
+def summary_table(results):
+    """NIAH / ppl / cache (KiB) per model and length, as printed by `hylo-lab demo`."""
+    import pandas as pd
+
+    niah = results.pivot_table(index="model", columns="length", values="niah", sort=False)
+    niah.index = [f"NIAH {m}" for m in niah.index]
+    cache = results.pivot_table(index="model", columns="length", values="cache_bytes", sort=False) / 1024
+    cache = cache.loc[[m for m in ("teacher", "hybrid") if m in cache.index]]
+    cache.index = [f"cache KiB {m}" for m in cache.index]
+    table = pd.concat([niah.round(2), cache.round(0)])
+    table.columns = [str(c) for c in table.columns]
+    return table
+
+
+def finish(settings: DemoSettings, tracker=None) -> None:
+    if tracker is not None and not settings.run_id:  # a sweep ends the runs it created itself
+        tracker.end()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `hylo-lab demo`: execute the notebook
+
+
+def notebook_path() -> Path:
+    """notebooks/00_quickstart.ipynb of this checkout."""
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "00_quickstart.ipynb"
+    if not path.is_file():
+        raise FileNotFoundError(f"the quickstart notebook is missing: {path}")
+    return path
+
+
+def run_demo(*, quick: bool = False, linear: str = "gdn", out_dir=None, tracking_uri: str = "",
+             experiment: str = "quickstart", extra: dict | None = None, echo=print) -> dict:
+    """Execute notebooks/00_quickstart.ipynb with papermill into `out_dir` (default runs/demo, or runs/demo-quick),
+    its output streamed to the terminal; then write its HTML next to it. Returns summary.json's content plus
+    `notebook`, `html`, `figures` and `out_dir`."""
+    import logging
+
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    out = Path(out_dir or (DEFAULT_OUT + ("-quick" if quick else ""))).resolve()
+    params = dict(quick=quick, linear=linear, out_dir=str(out), experiment=experiment, tracking_uri=tracking_uri,
+                  **(extra or {}))
+    DemoSettings(**params)  # bad values fail here, before a kernel starts
+    if quick:
+        params.update(QUICK_PARAMETERS, **{k: v for k, v in (extra or {}).items()})
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("summary.json", "results.csv", "00_quickstart.ipynb", "00_quickstart.html"):
+        (out / stale).unlink(missing_ok=True)
+    executed = out / "00_quickstart.ipynb"
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("papermill").setLevel(logging.INFO)
+    echo(f"hylo-lab demo{' --quick' if quick else ''}: executing {notebook_path().name} -> {executed}")
+    t0 = time.perf_counter()
+    papermill.execute_notebook(str(notebook_path()), str(executed), parameters=params, kernel_name="python3",
+                               log_output=True, progress_bar=False, cwd=str(Path.cwd()))
+    nb = nbformat.read(str(executed), as_version=4)
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    html_path = out / "00_quickstart.html"
+    html_path.write_text(html, encoding="utf-8")
+    summary = json.loads((out / "summary.json").read_text())
+    if summary.get("run_id"):
+        from .tracking import Tracker
+
+        tracker = Tracker(summary["experiment"], tracking_uri=summary["tracking_uri"], run_id=summary["run_id"])
+        tracker.log_artifact(executed, "notebook")
+        tracker.log_artifact(html_path, "notebook")
+    summary.update(notebook=str(executed), html=str(html_path), out_dir=str(out),
+                   figures=sorted(str(p) for p in (out / "figures").glob("*.png")),
+                   wall_seconds=time.perf_counter() - t0)
+    return summary
+
+
+# What --quick changes besides quick=True: two lengths, a short stage 2.
+QUICK_PARAMETERS = dict(stage2_seq_len=512, stage2_steps=4, eval_lengths="256,512", yarn_factor=2.0)
+
+
+def report_text(summary: dict) -> str:
+    import pandas as pd
+
+    results = pd.read_csv(Path(summary["out_dir"]) / "results.csv")
+    lines = [summary_table(results).to_string(), ""]
+    lines.append(f"short-context perplexity: teacher {summary['teacher_ppl']:.3f}, hybrid {summary['hybrid_ppl']:.3f} "
+                 f"(ratio {summary['ppl_ratio']:.3f}); cache at {summary['longest']} tokens: hybrid / teacher = "
+                 f"{summary['cache_ratio_longest']:.3f}")
+    lines.append("goals: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in summary["goals"].items()))
+    lines += ["", f"notebook: {summary['notebook']}", f"html:     {summary['html']}",
+              "figures:  " + ", ".join(summary["figures"]), f"took {summary['wall_seconds']:.0f} s"]
+    return "\n".join(lines)
