@@ -314,8 +314,9 @@ def distill_metrics(summary: dict) -> dict:
 def evaluate_models(models: str, suites: str = "ruler,niah", *, labels: str = "", quick: bool = True, tracker=None,
                     out_dir: str = "", **evaluate_kwargs) -> dict:
     """`eval.evaluate` for each model of a comma list (model references, labelled by `labels` or model_label),
-    logging each under its label; lengths, depths and tasks may be comma strings, "" / 0 mean the default. Returns the tables with a `model` column, ready for plots: "ruler" (task x
-    length), "ruler_average", "niah" (length x depth), "efficiency" (rows), as far as the suites ran."""
+    logging each under its label; lengths, depths and tasks may be comma strings, "" / 0 mean the default.
+    Returns the tables with a `model` column, ready for plots: "ruler" (task x length), "ruler_average", "niah"
+    (length x depth), "efficiency" (rows), as far as the suites ran."""
     import pandas as pd
 
     from .eval import evaluate, load_model
