@@ -23,8 +23,9 @@ NOTEBOOK = ROOT / "notebooks" / "00_quickstart.ipynb"
 def quick_demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    # one thread: under `pytest -n 2` on two cores, two-thread BLAS in each worker slows everything down manyfold
     env = dict(os.environ, HYLO_LAB_HOME=str(tmp / "home"), MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1")
+               HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp / "out"
     proc = subprocess.run([sys.executable, "-m", "hylo_lab.cli", "demo", "--quick", "--out", str(out)], env=env,
                           cwd=tmp, capture_output=True, text=True, timeout=600)

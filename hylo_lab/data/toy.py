@@ -242,10 +242,10 @@ def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = 
     """Train teacher `name` from scratch: AdamW, cosine schedule with linear warmup, grad clipping.
 
     Data: `TeacherBatches` (packed corpus + NIAH rows). Loss: next-token cross entropy, answer tokens
-    up-weighted; bf16 autocast on CUDA by default. Induction warm-up: the first `copy_steps` steps train on
-    `COPY_WARMUP` rows of random tokens repeated once (`TeacherBatches.copy_batch`), and every later step adds
-    the loss of `copy_rows` such rows of `COPY_LEN` tokens, so the copying skill survives the corpus. Without `tokenizer` / `train_texts` the toy world's (built
-    if needed, no teachers) are used.
+    up-weighted; bf16 autocast on CUDA by default. Copy rows (`TeacherBatches.copy_batch`): every step adds the
+    loss of `copy_rows` rows of `COPY_LEN` tokens in which a segment repeats (in-context copying, which needle
+    retrieval needs); the first `copy_steps` steps (0 by default) train on `COPY_WARMUP` copy rows only.
+    Without `tokenizer` / `train_texts` the toy world's (built if needed, no teachers) are used.
     Returns the model in eval mode on CPU; `model.train_log` holds the loss per step, tokens and seconds.
     """
     from tqdm.auto import tqdm

@@ -1,0 +1,41 @@
+"""The toy teachers' copy rows (hylo_lab.data.toy.TeacherBatches.copy_batch): what they score and that they are
+reproducible. The teachers themselves are measured by the demo (README, "Toy demo results")."""
+
+import pytest
+import torch
+
+from hylo_lab.data.toy import TeacherBatches, train_tokenizer
+from hylo_lab.data.toy_corpus import toy_corpus
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(toy_corpus(60, seed=5), vocab_size=400)
+
+
+def batches(tokenizer, seed=0):
+    ids = torch.tensor(tokenizer.encode(" ".join(toy_corpus(40, seed=1))))
+    return TeacherBatches(tokenizer, ids, seq_len=160, niah_fraction=0.5, answer_weight=3.0, seed=seed,
+                          niah_tasks=("niah_single_1",))
+
+
+def test_copy_rows_score_only_the_repeated_segment(tokenizer):
+    inputs, targets, weights = batches(tokenizer).copy_batch(8, 40)
+    assert inputs.shape == targets.shape == weights.shape == (8, 40)
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    digits = set(batches(tokenizer).digit_ids.tolist())
+    for row, target, w in zip(inputs, targets, weights):
+        scored = w.nonzero().flatten()
+        assert 5 <= len(scored) <= 13  # a 6-14 token segment, its first token unpredictable
+        for t in scored.tolist():
+            # the target was seen before, right after the token the model sees now
+            earlier = [j for j in range(t) if row[j] == row[t] and j + 1 < t and row[j + 1] == target[t]]
+            assert earlier, (t, row.tolist())
+        assert row.min() >= 3  # never a special token
+    all_tokens = inputs.flatten().tolist()
+    assert sum(t in digits for t in all_tokens) > len(all_tokens) * 0.05  # needle values are digit strings
+
+
+def test_copy_rows_are_reproducible_from_the_seed(tokenizer):
+    a, b, c = (batches(tokenizer, seed=s).copy_batch(4, 40)[0] for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
