@@ -132,8 +132,7 @@ class Sweep:
     @property
     def axes(self) -> list[str]:
         """The columns that tell points apart: grid keys, keys only extra points set, then seed."""
-        axes = list(self.grid)
-        axes += [k for p in self.include for k in p if k not in axes]
+        axes = list(dict.fromkeys([*self.grid, *(k for p in self.include for k in p)]))
         return axes + (["seed"] if self.seeds else [])
 
     def points(self) -> list[dict]:

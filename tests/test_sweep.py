@@ -98,6 +98,9 @@ def test_points_cross_grid_include_and_seeds_with_stable_keys(tmp_path):
         sweep.select({"x": "5"})
     with pytest.raises(SweepError, match="not a parameter"):
         sweep.select({"nope": "1"})
+    # two extra points setting the same key give that key one column (compare melts on these columns)
+    twice = load_sweep(write_sweep(tmp_path, include=[{"x": 7, "label": "c"}, {"x": 8, "label": "d"}]))
+    assert twice.axes == ["x", "label"]
 
 
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
