@@ -443,53 +443,28 @@ def get_toy_world(root: str | Path | None = None, *, teachers=("llama-s",), quic
 # Does the teacher work?
 
 
-@torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int) -> torch.Tensor:
-    """Prefill the prompt once, then decode greedily with the model's cache. input_ids: [B, T] (no padding).
-    Returns the new tokens [B, <= max_new_tokens]; rows that ended keep emitting eos."""
-    B, T = input_ids.shape
-    device = input_ids.device
-    out = model(input_ids=input_ids, position_ids=torch.arange(T, device=device).expand(B, T), use_cache=True,
-                logits_to_keep=1)
-    past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
-    finished = token == eos_token_id
-    new = [token]
-    for i in range(max_new_tokens - 1):
-        if finished.all():
-            break
-        out = model(input_ids=token[:, None], position_ids=torch.full((B, 1), T + i, device=device),
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        token = out.logits[:, -1].argmax(-1).masked_fill(finished, eos_token_id)
-        finished |= token == eos_token_id
-        new.append(token)
-    return torch.stack(new, 1)
-
-
 def niah_accuracy(model, tokenizer, *, lengths=(TOY_TRAIN_LEN,), num_samples: int = 20, seed: int = 0,
                   haystack=None, batch_size: int = 32, tasks=None) -> dict:
     """{length: {task: mean score_sample}} over `num_samples` samples per task (seeds seed..seed+n-1);
     `tasks`: the NIAH tasks to run (default all eight)."""
-    from . import tasks as task_module
+    from ..eval.generation import greedy_generate
+    from . import tasks as task_gen
 
-    names, tasks = tuple(tasks or task_module.NIAH_TASKS), task_module
-
-    device = next(model.parameters()).device
     result = {}
     for length in lengths:
         result[length] = {}
-        for task in names:
+        for task in tuple(tasks or task_gen.NIAH_TASKS):
             kwargs = {} if haystack is None else dict(haystack=haystack)
-            samples = [tasks.generate_sample(task, tokenizer, length, seed=seed + i, **kwargs)
+            samples = [task_gen.generate_sample(task, tokenizer, length, seed=seed + i, **kwargs)
                        for i in range(num_samples)]
             scores = []
             for b in range(0, num_samples, batch_size):
                 chunk = samples[b:b + batch_size]
-                ids = torch.tensor([s.input_ids for s in chunk], device=device)
-                new = greedy_generate(model, ids, max(s.max_new_tokens for s in chunk), tokenizer.eos_token_id)
-                for s, row in zip(chunk, new.tolist()):
+                new = greedy_generate(model, torch.tensor([s.input_ids for s in chunk]),
+                                      max(s.max_new_tokens for s in chunk), eos_token_id=tokenizer.eos_token_id)
+                for s, row in zip(chunk, new):
                     pred = tokenizer.decode(row, skip_special_tokens=True)
-                    scores.append(tasks.score_sample(task, pred, s.answers))
+                    scores.append(task_gen.score_sample(task, pred, s.answers))
             result[length][task] = sum(scores) / len(scores)
     return result
 
