@@ -86,7 +86,12 @@ class HyloModel(HyloPreTrainedModel):
         self.post_init()
 
     def rope_tables(self, position_ids, dtype):
-        return {name: rot(position_ids, dtype) for name, rot in self.rotary.items()}
+        """{"attention": (cos, sin), "mla": (cos, sin, logit temperature)} (Rotary.forward says why MLA's differ)."""
+        tables = {name: rot(position_ids, dtype) for name, rot in self.rotary.items() if name != "mla"}
+        if "mla" in self.rotary:
+            rot = self.rotary["mla"]
+            tables["mla"] = (*rot(position_ids, dtype, scaled=False), rot.scaling**2)
+        return tables
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=False, **kwargs):

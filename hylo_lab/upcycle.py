@@ -625,7 +625,7 @@ def upcycle(base, layout=None, *, mla_layers=None, select=None, preset=None, lin
         config = _energy_ranks(config, base_config, dims, weights, rank_energy, rope_init, explicit)
 
     torch.manual_seed(seed)
-    student = _build(config, dtype)
+    student = _build(config, dtype).to(next(model.parameters()).device)  # a base on the GPU: convert there
     copy_shared(student, model)
     stats = {}
     for i, m in enumerate(config.mixers):

@@ -157,6 +157,32 @@ def test_paper_kv_fractions(preset):
     assert fp["total_ratio"] > fp["kv_fraction"]
 
 
+@torch.no_grad()
+def test_yarn_attention_factor_scales_the_whole_mla_logit():
+    """YaRN's attention factor is a temperature on the whole logit: transformers rotates all of q and k with
+    tables scaled by it; DeepSeek-V2 multiplies MLA's softmax scale by its square. MLA rotates only
+    qk_rope_head_dim of each head, so the nope part must be scaled too: with q's RoPE rows zeroed, the YaRN model
+    equals the plain-RoPE model whose q nope rows are scaled by the factor squared (prefill and decode)."""
+    yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=64)
+    a = HyloForCausalLM(tiny_config(("mla", "mla"), mla_rope_parameters=yarn)).double().eval()
+    b = HyloForCausalLM(tiny_config(("mla", "mla"))).double().eval()
+    b.load_state_dict(a.state_dict())
+    factor = a.model.rotary["mla"].scaling
+    assert factor > 1.1
+    nope, rope = a.config.qk_nope_head_dim, a.config.qk_rope_head_dim
+    for la, lb in zip(a.model.layers, b.model.layers):
+        wa = la.mixer.q_b_proj.weight.view(a.config.num_attention_heads, nope + rope, -1)
+        wa[:, nope:] = 0
+        lb.mixer.q_b_proj.weight.copy_(wa.reshape_as(lb.mixer.q_b_proj.weight))
+        lb.mixer.q_b_proj.weight.view_as(wa)[:, :nope] *= factor**2
+    x = torch.randint(0, 97, (2, 30))
+    torch.testing.assert_close(a(x).logits, b(x).logits)
+    cache_a, cache_b = HyloCache(a.config), HyloCache(b.config)
+    a(x[:, :20], past_key_values=cache_a), b(x[:, :20], past_key_values=cache_b)
+    torch.testing.assert_close(a(x[:, 20:21], past_key_values=cache_a).logits,
+                               b(x[:, 20:21], past_key_values=cache_b).logits)
+
+
 def test_yarn_rope_changes_mla_tables_only():
     config = tiny_config(ALL_FOUR, mla_rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                             original_max_position_embeddings=128))

@@ -532,3 +532,18 @@ def test_cli_upcycle_writes_a_loadable_directory_and_info_describes_it(tmp_path,
         GPT2Config(n_layer=2).save_pretrained(bad)
         main(["upcycle", "--base", str(bad), "--layout", "2MLA", "--out", str(tmp_path / "x")])
     assert PRESETS  # the info command lists them in its error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_base_on_the_gpu_converts_there_to_the_same_model():
+    """The distillation trainer upcycles a teacher that already sits on the GPU. SVD factors may differ in sign
+    between devices, so the converted models are compared by their logits."""
+    base = tiny_base("qwen2", dtype=torch.float32)  # q/k/v biases too
+    mixers = ["mla", "gdn", "mamba2", "attention"]
+    on_cpu = upcycle(base, mixers)
+    on_gpu = upcycle(base.to("cuda"), mixers)
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(x.cuda()).logits.cpu(), on_cpu(x).logits, rtol=1e-3, atol=1e-3)

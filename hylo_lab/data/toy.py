@@ -52,14 +52,16 @@ TEACHERS: dict[str, dict] = {
 # How each teacher is trained by default (steps x batch_size rows of TOY_TRAIN_LEN + ANSWER_ROOM tokens).
 # Every step also scores `copy_rows` copy rows (TeacherBatches.copy_batch): without them no teacher learned to
 # retrieve a needle in 1000+ steps; with them llama-s does (README, "Toy demo results"). NIAH rows use the needle
-# tasks of TEACHER_NIAH_TASKS (uuid values are out of reach at this size and budget).
-TEACHER_NIAH_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1")
+# tasks of TEACHER_NIAH_TASKS: one needle with a word key and a number value in a noise or an essay haystack. Key
+# matching among distractor needles (niah_multikey_1) stayed at 0.0-0.3 in every setting tried (README, "Toy demo
+# results") and uuid values are out of reach at this size and budget, so neither is trained or asked.
+TEACHER_NIAH_TASKS = ("niah_single_1", "niah_single_2")
 _TRAIN = dict(batch_size=16, copy_rows=32, niah_fraction=0.7, niah_tasks=TEACHER_NIAH_TASKS)
 TEACHER_TRAINING: dict[str, dict] = {
-    "llama-xs": dict(_TRAIN, steps=1200, lr=3e-3),
-    "llama-s": dict(_TRAIN, steps=1200, lr=2e-3),
-    "llama-m": dict(_TRAIN, steps=1200, lr=1.5e-3),
-    "qwen3-s": dict(_TRAIN, steps=1200, lr=2e-3),
+    "llama-xs": dict(_TRAIN, steps=1500, lr=3e-3),
+    "llama-s": dict(_TRAIN, steps=1500, lr=2e-3),
+    "llama-m": dict(_TRAIN, steps=1500, lr=1.5e-3),
+    "qwen3-s": dict(_TRAIN, steps=1500, lr=2e-3),
 }
 # quick=True (CI): the same code path with every teacher shrunk to this and trained for a few steps.
 QUICK_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
@@ -427,7 +429,7 @@ def get_toy_world(root: str | Path | None = None, *, teachers=("llama-s",), quic
         def build_teacher(tmp: Path, name=name, training=training) -> dict:
             tokenizer = world.tokenizer()
             model = train_teacher(name, tokenizer=tokenizer, train_texts=read_corpus(world.corpus_train),
-                                  quick=quick, seed=seed, progress=progress)
+                                  quick=quick, seed=seed, progress=progress, **training)
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             log = model.train_log

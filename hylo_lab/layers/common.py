@@ -120,11 +120,15 @@ class Rotary(nn.Module):
             return inv_freq.float(), float(scaling)
 
     @torch.no_grad()
-    def forward(self, position_ids, dtype):
-        """position_ids [B, T] -> cos, sin [B, T, dim] in `dtype` (computed in float32)."""
+    def forward(self, position_ids, dtype, scaled: bool = True):
+        """position_ids [B, T] -> cos, sin [B, T, dim] in `dtype` (computed in float32), times the RoPE type's
+        attention factor (YaRN's mscale) unless scaled=False: rotating q and k both then scales every logit by
+        its square, as transformers does. MLA rotates only part of each head, so it takes unscaled tables and
+        the squared factor as a temperature on the whole logit instead (DeepSeek-V2's softmax_scale * mscale^2)."""
         dev = position_ids.device
         if dev not in self._tables:
             self._tables[dev] = self.inv_freq.to(dev)
         freqs = position_ids[..., None].float() * self._tables[dev]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+        factor = self.scaling if scaled else 1.0
+        return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)

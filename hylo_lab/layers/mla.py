@@ -50,9 +50,12 @@ class MLA(nn.Module):
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
     def forward(self, x, *, rope, state=None, attention_mask=None):
+        """rope: (cos, sin) or (cos, sin, temperature): unscaled RoPE tables and the factor on every logit
+        (HyloModel.rope_tables: YaRN's mscale squared)."""
         B, T, _ = x.shape
         H, Hkv = self.num_heads, self.num_kv_heads
-        cos, sin = rope
+        cos, sin = rope[:2]
+        scale = self.scale * (rope[2] if len(rope) > 2 else 1.0)
         q = self.project_q(x).view(B, T, H, self.nope + self.rope)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         q_rope = apply_rotary(q_rope, cos, sin)
@@ -64,7 +67,7 @@ class MLA(nn.Module):
                 raise ValueError("the static (CUDA-graph) decode path takes no attention_mask: rows are unpadded")
             state.write_at_position(c, k_rope)
             valid = torch.arange(state.capacity, device=x.device) <= state.position  # rows 0..position
-            o = self.absorbed(q_nope, q_rope, state.kv, valid[None, None, :])
+            o = self.absorbed(q_nope, q_rope, state.kv, valid[None, None, :], scale)
             return self.o_proj(o.reshape(B, T, H * self.v_dim))
         past = 0
         if state is not None:
@@ -72,14 +75,14 @@ class MLA(nn.Module):
             state.append(c, k_rope)
         if past > 0 and T <= ABSORB_MAX_TOKENS:
             allowed = causal_mask(T, past, attention_mask, x.device)[:, 0]  # [B|1, T, S]
-            o = self.absorbed(q_nope, q_rope, state.filled(), allowed)
+            o = self.absorbed(q_nope, q_rope, state.filled(), allowed, scale)
         else:
             if state is not None:
                 c, k_rope = state.latent, state.k_rope
-            o = self.expanded(q_nope, q_rope, c, k_rope, past, attention_mask)
+            o = self.expanded(q_nope, q_rope, c, k_rope, past, attention_mask, scale)
         return self.o_proj(o.reshape(B, T, H * self.v_dim))
 
-    def expanded(self, q_nope, q_rope, c, k_rope, past, attention_mask):
+    def expanded(self, q_nope, q_rope, c, k_rope, past, attention_mask, scale):
         """Expand the latent to per-KV-head K/V ([B, S, Hkv, nope + v]) and run fused causal attention
         (prefill_attention: flash with GQA and the causal diagonal at the bottom right on CUDA)."""
         B, S, _ = c.shape
@@ -88,10 +91,10 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope[:, :, None].expand(B, S, Hkv, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
-        o = prefill_attention(q, k.transpose(1, 2), v.transpose(1, 2), past, attention_mask, scale=self.scale)
+        o = prefill_attention(q, k.transpose(1, 2), v.transpose(1, 2), past, attention_mask, scale=scale)
         return o.transpose(1, 2)
 
-    def absorbed(self, q_nope, q_rope, kv, allowed):
+    def absorbed(self, q_nope, q_rope, kv, allowed, scale):
         """Attention in latent space over kv = [c | k_rope] [B, S, r + rope], never expanding K/V:
         scores_{h,t,s} = (q_nope_h W_kb^g) . c_s + q_rope_h . k_rope_s with g = h // (H / Hkv);
         out_h = W_vb^g (sum_s p_hts c_s) (+ v bias, since p sums to 1). All heads share the one latent "head",
@@ -106,7 +109,7 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_k)
         q_cat = torch.cat([q_lat, q_rope.transpose(1, 2)], dim=-1).to(kv.dtype)  # [B, H, T, r + rope]
         S = kv.shape[1]
-        scores = torch.matmul(q_cat.reshape(B, H * T, -1) * self.scale, kv.transpose(1, 2))  # [B, H*T, S]
+        scores = torch.matmul(q_cat.reshape(B, H * T, -1) * scale, kv.transpose(1, 2))  # [B, H*T, S]
         scores = scores.view(B, H, T, S).masked_fill(~allowed[:, None], float("-inf"))
         p = torch.softmax(scores, dim=-1).view(B, H * T, S)
         o_lat = torch.matmul(p, kv[..., :r]).view(B, H, T, r)
