@@ -56,7 +56,7 @@ class DemoSettings:
     linear: str = "gdn"  # the linear block: gdn | mamba2 (replaces the layout's linear name)
     stage2_seq_len: int = 512  # tokens per row of the last stage-2 stage
     stage2_steps: int = 200  # optimizer steps of stage 2 (all its stages together)
-    yarn_factor: float = 32.0  # YaRN factor on the MLA layers in the last stage (0 = no YaRN)
+    yarn_factor: float = 64.0  # YaRN factor on the MLA layers in the last stage (0 = no YaRN); README says why 64
     eval_lengths: str = "256,512,1024,2048,4096,8192"  # context lengths of the evaluation
     out_dir: str = ""  # where models, tables and figures go ("" = runs/demo)
 
