@@ -6,7 +6,8 @@ No checkpoint can be downloaded here, so the project trains its own teachers (is
   is ever <unk>), trained on the corpus plus the raw text of NIAH samples from `tasks.py` (see
   `train_tokenizer` for the two-pass build);
 - teachers: `TEACHERS`, Llama models at three sizes and one Qwen3, trained from scratch on packed corpus text
-  mixed with the eight RULER NIAH tasks at up to `TOY_TRAIN_LEN` tokens (`train_teacher`);
+  mixed with samples of the needle tasks `TEACHER_NIAH_TASKS` and copy rows, at up to `TOY_TRAIN_LEN` tokens
+  (`train_teacher`);
 - `get_toy_world` builds all of it under a cache folder keyed by a hash of the settings and reuses it;
 - `teacher_report` measures what the teachers must show: NIAH accuracy and held-out perplexity vs unigram.
 """
