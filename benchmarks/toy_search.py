@@ -116,6 +116,11 @@ def main(argv=None) -> None:
 
     get_toy_world(teachers=(), progress=False)
     done: dict[str, dict] = {}
+
+    def save():  # after every finished variant, so a killed search keeps what finished
+        pending = [n for n in names if n not in done]
+        (out / "search.json").write_text(json.dumps(dict(done=done, pending=pending), indent=1, default=str))
+
     t0 = time.perf_counter()
     pool = cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                   max_tasks_per_child=1)
@@ -130,12 +135,10 @@ def main(argv=None) -> None:
                      f"teacher@1x {s['teacher_niah_1x']:.2f}, hybrid@{s['longest']} {s['hybrid_niah_longest']:.2f}, "
                      f"teacher+yarn beyond 4x {s['teacher_yarn_niah_beyond_4x_max']:.2f}, ppl ratio "
                      f"{s['ppl_ratio']:.3f}, {res['seconds']['total']:.0f} s"), flush=True)
-            (out / "search.json").write_text(json.dumps(dict(done=done, pending=[n for n in names if n not in done]),
-                                                        indent=1, default=str))
+            save()
     except cf.TimeoutError:
         print(f"deadline: unfinished {[n for n in names if n not in done]}", flush=True)
-    (out / "search.json").write_text(json.dumps(dict(done=done, pending=[n for n in names if n not in done]),
-                                                indent=1, default=str))
+    save()
     pool.shutdown(wait=False, cancel_futures=True)
     os._exit(0)  # do not wait for workers past the deadline
 

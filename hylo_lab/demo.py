@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -174,8 +175,6 @@ def start(settings: DemoSettings):
                       parent_run_id=settings.parent_run_id or None, tags={"notebook": "notebooks/00_quickstart.ipynb"})
     tracker.log_params({k: v for k, v in settings.to_dict().items() if k not in ("run_id", "parent_run_id")}
                        | dict(student_layout=settings.student_layout, mixers=settings.mixers))
-    import os
-
     import torch
 
     device = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} thread(s)"
