@@ -4,8 +4,11 @@
     python benchmarks/toy_search.py --report DIR/search.json [...] > table.md
 
 VARIANTS.json is a list of {"name": ..., "teacher": {...}, "demo": {...}, "plan": {...}}: "teacher" overrides
-`toy.TEACHER_TRAINING["llama-s"]` (any `train_teacher` keyword, e.g. recall_rows, steps, lr), "demo" overrides
-`DemoSettings` and "plan" `demo.FULL_PLAN` (e.g. more evaluation samples). Each variant runs in its own process:
+`toy.TEACHER_TRAINING[base]` (any `train_teacher` keyword, e.g. steps, lr), "demo" overrides `DemoSettings` and
+"plan" `demo.FULL_PLAN` (e.g. more evaluation samples); optional: "base" (the teacher to train, default the
+demo's llama-s), "world" (toy-world constants of hylo_lab.data.toy, e.g. {"DIGIT_GROUP": 2}) and
+"teacher_only" ({"samples": N, "lengths": [...]}: train and evaluate the teacher alone, no hybrid; `teacher_only`
+below). Each variant runs in its own process:
 teacher (cached under DIR/world by its settings, so variants that share a teacher train it once per process
 that gets there first) -> the demo's functions (distill, evaluate, summarize; no notebook) -> DIR/<name>/.
 Everything runs in float32 (teacher training, distillation and the teacher in it) so the numbers carry over to
@@ -41,6 +44,11 @@ def run_variant(variant: dict, out: str) -> dict:
     os.environ["HYLO_LAB_HOME"] = str(Path(out) / "world")
     sys.stderr = open(folder / "log.txt", "w", buffering=1)
     t0 = time.perf_counter()
+    for key, value in variant.get("world", {}).items():  # toy-world constants, e.g. {"DIGIT_GROUP": 2}
+        if not hasattr(toy, key):
+            raise ValueError(f"hylo_lab.data.toy has no {key}")
+        setattr(toy, key, value)
+    demo.BASE = variant.get("base", demo.BASE)
     toy.TEACHER_TRAINING[demo.BASE] = dict(toy.TEACHER_TRAINING[demo.BASE], bf16=False,
                                            **variant.get("teacher", {}))
     demo.FULL_PLAN.update(variant.get("plan", {}))
@@ -49,6 +57,9 @@ def run_variant(variant: dict, out: str) -> dict:
     tracker = demo.start(settings)
     world = demo.prepare_world(settings, tracker)
     t_teacher = time.perf_counter() - t0
+    if "teacher_only" in variant:
+        return dict(variant=variant, seconds=dict(teacher=t_teacher),
+                    teacher_only=teacher_only(world, folder, **variant["teacher_only"]))
     report = demo.teacher_check(settings, world, tracker)
     recipe = demo.build_recipe(settings, world)
     recipe["train"].update(precision="fp32", teacher_dtype="float32")
@@ -61,6 +72,28 @@ def run_variant(variant: dict, out: str) -> dict:
     return dict(variant=variant, summary=summary, teacher_check=report, seconds=dict(
         teacher=t_teacher, distill=t_distill, total=time.perf_counter() - t0),
         niah=results[["model", "length", "niah"] + tasks].round(3).to_dict("records"))
+
+
+def teacher_only(world, folder: Path, samples: int = 128, lengths=(256, 512)) -> dict:
+    """The base teacher alone on the demo's evaluation path (run_ruler, seeds 1000+) with `samples` samples per
+    task and length, its held-out perplexity vs unigram and its failures at the shortest length."""
+    import torch
+
+    from hylo_lab import demo
+    from hylo_lab.data.toy import perplexity, read_corpus, unigram_perplexity
+    from hylo_lab.eval.ruler import run_ruler
+
+    tok, model = world.tokenizer(), world.teacher(demo.BASE).to("cuda" if torch.cuda.is_available() else "cpu")
+    res = run_ruler(model, tok, list(lengths), tasks=demo.NIAH_TASKS, num_samples=samples, seed=1000,
+                    batch_size=64, out_dir=folder / "niah")
+    niah = {f"{r.length}/{r.task}": r.score for r in res["table"].itertuples()}
+    fails = [r for r in res["records"] if r["score"] < 1 and r["length"] == min(lengths)]
+    heldout, train = read_corpus(world.corpus_heldout), read_corpus(world.corpus_train)
+    return dict(niah=niah, failures=[(r["answers"][0], r["prediction"]) for r in fails][:24],
+                failures_with_a_doubled_digit=sum(any(a == b for a, b in zip(r["answers"][0], r["answers"][0][1:]))
+                                                  for r in fails),
+                heldout_ppl=perplexity(model, tok, heldout[:200]),
+                unigram_ppl=unigram_perplexity(tok, train[:3000], heldout[:200]))
 
 
 def _guarded(variant: dict, out: str) -> dict:
@@ -80,15 +113,24 @@ def report(paths) -> str:
             v = res["variant"]
             over = "; ".join(f"{k}: {json.dumps(v[k])}" for k in ("teacher", "demo") if v.get(k))
             over += "; plan: " + json.dumps({k: x for k, x in v.get("plan", {}).items() if "eval" not in k})
+            over += "".join(f"; {k}: {json.dumps(v[k])}" for k in ("base", "world") if v.get(k))
             if "error" in res:
                 lines.append(f"| {Path(path).parent.name} | {name} | {over} | error: "
                              f"{res['error'].strip().splitlines()[-1]} |" + " |" * 8)
+                continue
+            if "teacher_only" in res:
+                t = res["teacher_only"]
+                cells = ["/".join(f"{x:.2f}" for k, x in t["niah"].items() if k.startswith(f"{n}/"))
+                         for n in (256, 512, 1024, 2048, 4096, 8192)]
+                lines.append(f"| {Path(path).parent.name} | {name} | {over} | | teacher only | " + " | ".join(cells)
+                             + f" | ppl {t['heldout_ppl']:.3f} |")
                 continue
             check = "/".join(f"{x:.2f}" for x in res["teacher_check"]["niah_tasks"].values())
             tasks = [k for k in res["niah"][0] if k.startswith("niah_")]
             for model in ("teacher", "teacher_yarn", "hybrid"):
                 cells = ["/".join(f"{r[t]:.2f}" for t in tasks) for r in res["niah"] if r["model"] == model]
-                head = f"| {Path(path).parent.name} | {name} | {over} | {check} |" if model == "teacher" else "| | | | |"
+                first = model == "teacher"
+                head = f"| {Path(path).parent.name} | {name} | {over} | {check} |" if first else "| | | | |"
                 ppl = f" {res['summary']['ppl_ratio']:.3f} |" if model == "hybrid" else " |"
                 lines.append(f"{head} {model} | " + " | ".join(cells) + " |" + ppl)
     return "\n".join(lines)
@@ -112,9 +154,15 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # Build the corpus and tokenizer once before the workers start (they would race to build it).
     os.environ["HYLO_LAB_HOME"] = str(out / "world")
-    from hylo_lab.data.toy import get_toy_world
+    from hylo_lab.data import toy
 
-    get_toy_world(teachers=(), progress=False)
+    for world in {json.dumps(v.get("world", {}), sort_keys=True) for v in variants}:
+        saved = {k: getattr(toy, k) for k in json.loads(world)}
+        for key, value in json.loads(world).items():
+            setattr(toy, key, value)
+        toy.get_toy_world(teachers=(), progress=False)
+        for key, value in saved.items():
+            setattr(toy, key, value)
     done: dict[str, dict] = {}
 
     def save():  # after every finished variant, so a killed search keeps what finished
@@ -132,6 +180,8 @@ def main(argv=None) -> None:
             s = res.get("summary", {})
             print(f"[{time.perf_counter() - t0:5.0f} s] {futures[fut]}: "
                   + (res["error"].splitlines()[-1] if "error" in res else
+                     f"teacher only {res['teacher_only']['niah']}, ppl {res['teacher_only']['heldout_ppl']:.3f}, "
+                     f"{res['seconds']['teacher']:.0f} s" if "teacher_only" in res else
                      f"teacher@1x {s['teacher_niah_1x']:.2f}, hybrid@{s['longest']} {s['hybrid_niah_longest']:.2f}, "
                      f"teacher+yarn beyond 4x {s['teacher_yarn_niah_beyond_4x_max']:.2f}, ppl ratio "
                      f"{s['ppl_ratio']:.3f}, {res['seconds']['total']:.0f} s"), flush=True)
@@ -140,6 +190,8 @@ def main(argv=None) -> None:
         print(f"deadline: unfinished {[n for n in names if n not in done]}", flush=True)
     save()
     pool.shutdown(wait=False, cancel_futures=True)
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # idle or late workers: stop them
+        proc.terminate()
     os._exit(0)  # do not wait for workers past the deadline
 
 

@@ -39,3 +39,19 @@ def test_copy_rows_score_only_the_repeated_segment(tokenizer):
 def test_copy_rows_are_reproducible_from_the_seed(tokenizer):
     a, b, c = (batches(tokenizer, seed=s).copy_batch(4, 40)[0] for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_digit_groups_split_numbers_from_the_left_and_copy_rows_use_every_digit_token():
+    tok = train_tokenizer(toy_corpus(60, seed=5), vocab_size=1024, digit_group=2)
+    assert tok.tokenize(" 5999014.") == ["Ġ", "59", "99", "01", "4", "."]
+    assert tok.decode(tok.encode(" 5999014.")) == " 5999014."
+    ids = torch.tensor(tok.encode(" ".join(toy_corpus(40, seed=1))))
+    b = TeacherBatches(tok, ids, seq_len=160, niah_fraction=0.5, answer_weight=3.0, seed=0,
+                       niah_tasks=("niah_single_1",))
+    assert sorted(tok.convert_ids_to_tokens(b.digit_ids.tolist())) == sorted(
+        [str(d) for d in range(10)] + [f"{d:02d}" for d in range(100)])
+
+
+def test_digit_group_must_be_1_or_2():
+    with pytest.raises(ValueError, match="digit_group"):
+        train_tokenizer(toy_corpus(5, seed=5), vocab_size=300, digit_group=3)
