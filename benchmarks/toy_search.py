@@ -52,6 +52,8 @@ def run_variant(variant: dict, out: str) -> dict:
     toy.TEACHER_TRAINING[demo.BASE] = dict(toy.TEACHER_TRAINING[demo.BASE], bf16=False,
                                            **variant.get("teacher", {}))
     demo.FULL_PLAN.update(variant.get("plan", {}))
+    if "teacher_only" in variant:  # no stage-2 teacher to train
+        variant = dict(variant, demo=dict(variant.get("demo", {}), teacher=demo.BASE))
     settings = demo.DemoSettings(**dict(variant.get("demo", {}), out_dir=str(folder), experiment=name,
                                         tracking_uri=f"sqlite:///{folder.resolve()}/mlflow.db"))
     tracker = demo.start(settings)
