@@ -59,7 +59,8 @@ TEACHERS: dict[str, dict] = {
 # The failures left are digit-order slips inside the 7-digit value ("3656662" -> "3656626"). 64 copy rows per step,
 # 85% NIAH rows, answer weight 6, no weight decay and lr 3e-3 took llama-s from 0.86-0.87 to 0.99-1.00 NIAH at 256
 # (H100, 128 samples per task, seeds 0 and 1) and 0.91 -> 1.00 in the CPU demo, for 25% more tokens per step
-# (benchmarks/results/toy_search/README.md, rounds 5-10). Only llama-s was measured with these settings.
+# (benchmarks/results/toy_search/README.md, rounds 5-10). With them on the CPU qwen3-s and llama-m reach 0.98,
+# llama-xs (2 layers) only 0.63 (README, "Toy demo results").
 TEACHER_NIAH_TASKS = ("niah_single_1", "niah_single_2")
 _TRAIN = dict(batch_size=16, copy_rows=64, niah_fraction=0.85, answer_weight=6.0, weight_decay=0.0,
               niah_tasks=TEACHER_NIAH_TASKS)
