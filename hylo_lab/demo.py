@@ -348,10 +348,11 @@ def _heldout_stream(world, tokens: int) -> list[int]:
 
 def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
     """NIAH accuracy (NIAH_TASKS, `eval_samples` samples each at random needle depths, the same samples for every
-    model; the teachers beyond 4x the first `long_eval_samples` of them), perplexity at the teachers' length on held-out text, and cache bytes of every model at every length
-    (predicted by `predict_cache_bytes` in the model's dtype; measured after a prefill of random tokens up to
-    `measure_cache_up_to`). Returns a DataFrame(model, length, niah, ppl, cache_bytes, cache_bytes_measured,
-    ttft_s, and one column per NIAH task) and logs the metric names listed in the module docstring."""
+    model; the teachers beyond 4x the first `long_eval_samples` of them), perplexity at the teachers' length on
+    held-out text, and cache bytes of every model at every length (predicted by `predict_cache_bytes` in the
+    model's dtype; measured after a prefill of random tokens up to `measure_cache_up_to`). Returns a
+    DataFrame(model, length, niah, ppl, cache_bytes, cache_bytes_measured, ttft_s, and one column per NIAH task)
+    and logs the metric names listed in the module docstring."""
     import pandas as pd
 
     from .eval.efficiency import measure_efficiency, predict_cache_bytes
