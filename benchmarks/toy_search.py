@@ -31,6 +31,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def set_world(toy, overrides: dict) -> dict:
+    """Set toy-world constants of hylo_lab.data.toy (e.g. {"DIGIT_GROUP": 2}); returns their previous values."""
+    previous = {}
+    for key, value in overrides.items():
+        if not hasattr(toy, key):
+            raise ValueError(f"hylo_lab.data.toy has no {key}")
+        previous[key] = getattr(toy, key)
+        setattr(toy, key, value)
+    return previous
+
+
 def run_variant(variant: dict, out: str) -> dict:
     import torch
 
@@ -44,10 +55,7 @@ def run_variant(variant: dict, out: str) -> dict:
     os.environ["HYLO_LAB_HOME"] = str(Path(out) / "world")
     sys.stderr = open(folder / "log.txt", "w", buffering=1)
     t0 = time.perf_counter()
-    for key, value in variant.get("world", {}).items():  # toy-world constants, e.g. {"DIGIT_GROUP": 2}
-        if not hasattr(toy, key):
-            raise ValueError(f"hylo_lab.data.toy has no {key}")
-        setattr(toy, key, value)
+    set_world(toy, variant.get("world", {}))
     demo.BASE = variant.get("base", demo.BASE)
     toy.TEACHER_TRAINING[demo.BASE] = dict(toy.TEACHER_TRAINING[demo.BASE], bf16=False,
                                            **variant.get("teacher", {}))
@@ -59,10 +67,10 @@ def run_variant(variant: dict, out: str) -> dict:
     tracker = demo.start(settings)
     world = demo.prepare_world(settings, tracker)
     t_teacher = time.perf_counter() - t0
-    if "teacher_only" in variant:
-        return dict(variant=variant, seconds=dict(teacher=t_teacher),
-                    teacher_only=teacher_only(world, folder, **variant["teacher_only"]))
     report = demo.teacher_check(settings, world, tracker)
+    if "teacher_only" in variant:
+        return dict(variant=variant, seconds=dict(teacher=t_teacher), teacher_check=report,
+                    teacher_only=teacher_only(world, folder, report, **variant["teacher_only"]))
     recipe = demo.build_recipe(settings, world)
     recipe["train"].update(precision="fp32", teacher_dtype="float32")
     hybrid_dir = demo.distill(settings, recipe, tracker)
@@ -76,13 +84,13 @@ def run_variant(variant: dict, out: str) -> dict:
         niah=results[["model", "length", "niah"] + tasks].round(3).to_dict("records"))
 
 
-def teacher_only(world, folder: Path, samples: int = 128, lengths=(256, 512)) -> dict:
+def teacher_only(world, folder: Path, check: dict, samples: int = 128, lengths=(256, 512)) -> dict:
     """The base teacher alone on the demo's evaluation path (run_ruler, seeds 1000+) with `samples` samples per
-    task and length, its held-out perplexity vs unigram and its failures at the shortest length."""
+    task and length, its failures at the shortest length, and the held-out perplexity vs unigram of `check`
+    (demo.teacher_check)."""
     import torch
 
     from hylo_lab import demo
-    from hylo_lab.data.toy import perplexity, read_corpus, unigram_perplexity
     from hylo_lab.eval.ruler import run_ruler
 
     tok, model = world.tokenizer(), world.teacher(demo.BASE).to("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,12 +98,23 @@ def teacher_only(world, folder: Path, samples: int = 128, lengths=(256, 512)) ->
                     batch_size=64, out_dir=folder / "niah")
     niah = {f"{r.length}/{r.task}": r.score for r in res["table"].itertuples()}
     fails = [r for r in res["records"] if r["score"] < 1 and r["length"] == min(lengths)]
-    heldout, train = read_corpus(world.corpus_heldout), read_corpus(world.corpus_train)
     return dict(niah=niah, failures=[(r["answers"][0], r["prediction"]) for r in fails][:24],
                 failures_with_a_doubled_digit=sum(any(a == b for a, b in zip(r["answers"][0], r["answers"][0][1:]))
                                                   for r in fails),
-                heldout_ppl=perplexity(model, tok, heldout[:200]),
-                unigram_ppl=unigram_perplexity(tok, train[:3000], heldout[:200]))
+                heldout_ppl=check["heldout_ppl"], unigram_ppl=check["unigram_ppl"])
+
+
+def _line(res: dict) -> str:
+    """One line of progress for a finished variant."""
+    if "error" in res:
+        return res["error"].splitlines()[-1]
+    if "teacher_only" in res:
+        t = res["teacher_only"]
+        return f"teacher only {t['niah']}, ppl {t['heldout_ppl']:.3f}, {res['seconds']['teacher']:.0f} s"
+    s = res["summary"]
+    return (f"teacher@1x {s['teacher_niah_1x']:.2f}, hybrid@{s['longest']} {s['hybrid_niah_longest']:.2f}, "
+            f"teacher+yarn beyond 4x {s['teacher_yarn_niah_beyond_4x_max']:.2f}, ppl ratio {s['ppl_ratio']:.3f}, "
+            f"{res['seconds']['total']:.0f} s")
 
 
 def _guarded(variant: dict, out: str) -> dict:
@@ -159,12 +178,9 @@ def main(argv=None) -> None:
     from hylo_lab.data import toy
 
     for world in {json.dumps(v.get("world", {}), sort_keys=True) for v in variants}:
-        saved = {k: getattr(toy, k) for k in json.loads(world)}
-        for key, value in json.loads(world).items():
-            setattr(toy, key, value)
+        previous = set_world(toy, json.loads(world))
         toy.get_toy_world(teachers=(), progress=False)
-        for key, value in saved.items():
-            setattr(toy, key, value)
+        set_world(toy, previous)
     done: dict[str, dict] = {}
 
     def save():  # after every finished variant, so a killed search keeps what finished
@@ -179,20 +195,13 @@ def main(argv=None) -> None:
         for fut in cf.as_completed(futures, timeout=args.deadline):
             res = fut.result()
             done[futures[fut]] = res
-            s = res.get("summary", {})
-            print(f"[{time.perf_counter() - t0:5.0f} s] {futures[fut]}: "
-                  + (res["error"].splitlines()[-1] if "error" in res else
-                     f"teacher only {res['teacher_only']['niah']}, ppl {res['teacher_only']['heldout_ppl']:.3f}, "
-                     f"{res['seconds']['teacher']:.0f} s" if "teacher_only" in res else
-                     f"teacher@1x {s['teacher_niah_1x']:.2f}, hybrid@{s['longest']} {s['hybrid_niah_longest']:.2f}, "
-                     f"teacher+yarn beyond 4x {s['teacher_yarn_niah_beyond_4x_max']:.2f}, ppl ratio "
-                     f"{s['ppl_ratio']:.3f}, {res['seconds']['total']:.0f} s"), flush=True)
+            print(f"[{time.perf_counter() - t0:5.0f} s] {futures[fut]}: {_line(res)}", flush=True)
             save()
     except cf.TimeoutError:
         print(f"deadline: unfinished {[n for n in names if n not in done]}", flush=True)
     save()
     pool.shutdown(wait=False, cancel_futures=True)
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # idle or late workers: stop them
+    for proc in multiprocessing.active_children():  # idle or late workers: stop them (they hold stdout open)
         proc.terminate()
     os._exit(0)  # do not wait for workers past the deadline
 

@@ -77,7 +77,7 @@ QUICK_TRAINING = dict(steps=12, batch_size=4, lr=3e-3, copy_steps=4, copy_rows=2
                       niah_tasks=TEACHER_NIAH_TASKS)
 COPY_WARMUP = (32, 32)  # (rows, tokens) of the induction warm-up batches
 COPY_LEN = 40  # tokens of the copy rows mixed into every later step
-DIGIT_GROUP = 1  # the tokenizer splits numbers into single digits (1) or pairs (2); train_tokenizer
+DIGIT_GROUP = 1  # the toy world's tokenizer splits numbers into single digits (1) or pairs (2); train_tokenizer
 COPY_DIGITS = 0.5  # share of digit tokens in a copy segment (needle values are digit strings)
 CORPUS_DOCS = dict(full=(12000, 500), quick=(600, 60))  # (train, held-out) documents
 
@@ -95,7 +95,7 @@ def read_corpus(path: Path) -> list[str]:
     return [d for d in Path(path).read_text(encoding="utf-8").split("\n\n") if d.strip()]
 
 
-def _bpe_tokenizer(texts, vocab_size: int, digit_group: int = 1):
+def _bpe_tokenizer(texts, vocab_size: int, digit_group: int):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -114,8 +114,7 @@ def _bpe_tokenizer(texts, vocab_size: int, digit_group: int = 1):
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 1024, *, task_text: bool = True,
-                    digit_group: int = DIGIT_GROUP):
+def train_tokenizer(texts: list[str], vocab_size: int = 1024, *, task_text: bool = True, digit_group: int = 1):
     """Byte-level BPE over `texts` -> PreTrainedTokenizerFast (bos <s>, eos </s>, pad <pad>; no automatic bos).
 
     task_text: also train on `tasks.tokenizer_corpus()` (every template, haystack and key/value kind of the
