@@ -279,9 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    from hylo_lab.errors import UserError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except UserError as exc:
+        print(f"hylo-lab {args.command}: {exc}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit("interrupted")
 

@@ -22,6 +22,7 @@ FINISHED with the same parameters, and runs the rest (failed, killed, new or cha
 
 from __future__ import annotations
 
+from hylo_lab.errors import UserError
 import ast
 import difflib
 import fnmatch
@@ -46,7 +47,7 @@ _PATTERN = re.compile(r"([^{}]*)\{(\w+)\}([^{}]*)")  # "eval/niah/{length}" -> p
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep file that cannot run; the message lists every problem found."""
 
 

@@ -51,6 +51,7 @@ and the hybrid built from them), `smart_select` (SMART layer choice), `hylo_conf
 
 from __future__ import annotations
 
+from hylo_lab.errors import UserError
 import copy
 import math
 import os
@@ -72,7 +73,7 @@ DIM_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim
 RMS_EPS = 1e-6
 
 
-class UpcycleError(ValueError):
+class UpcycleError(UserError):
     """A base, layout or option that cannot be upcycled; raised before any weight is loaded or computed."""
 
 

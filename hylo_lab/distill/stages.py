@@ -31,6 +31,7 @@ expanded. Every problem found is reported at once (`RecipeError`), unknown keys 
 
 from __future__ import annotations
 
+from hylo_lab.errors import UserError
 import copy
 import dataclasses
 import difflib
@@ -49,7 +50,7 @@ TEACHER_DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot run; the message lists every problem found."""
 
 

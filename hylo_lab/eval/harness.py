@@ -9,6 +9,7 @@ tasks over local jsonl (`include_path`). A task whose data cannot be loaded offl
 
 from __future__ import annotations
 
+from hylo_lab.errors import UserError
 import json
 import re
 import tempfile
@@ -27,7 +28,7 @@ PRIMARY_METRIC = {
 _FALLBACK_METRICS = ("acc_norm", "acc", "exact_match", "word_perplexity")
 
 
-class MissingTaskData(RuntimeError):
+class MissingTaskData(UserError):
     """An lm-eval task is unknown or its data set cannot be loaded offline."""
 
 
