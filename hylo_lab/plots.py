@@ -225,3 +225,122 @@ def sweep_overview(frame, metrics=(), *, max_metrics: int = 8, title: str | None
     axes[1].set_title("metrics")
     fig.suptitle(title or "sweep")
     return fig
+
+
+# House style for the figures a report leads with: one colour per model everywhere, x in multiples of the
+# training length (tokens beneath), the training length marked, intervals and n drawn where they exist.
+MODEL_COLORS = {"teacher": "#4c72b0", "teacher_yarn": "#8172b3", "hybrid": "#dd8452", "llama": "#4c72b0",
+                "base": "#4c72b0"}
+_EXTRA = ("#55a868", "#c44e52", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
+
+
+def model_color(name: str) -> str:
+    """The colour of a model in every figure: fixed for the demo's models, stable by name for the rest."""
+    if name in MODEL_COLORS:
+        return MODEL_COLORS[name]
+    return _EXTRA[sum(map(ord, str(name))) % len(_EXTRA)]
+
+
+def _multiple_axis(ax, lengths, train_len: int):
+    """log2 x axis labelled "4x" over "1K" (tokens), the training length marked with a labelled line."""
+    lengths = sorted(set(int(x) for x in lengths))
+    ax.set_xscale("log", base=2)
+    tokens = [f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths]
+    ax.set_xticks(lengths, [f"{n / train_len:g}x\n{t}" for n, t in zip(lengths, tokens)])
+    ax.minorticks_off()
+    ax.axvline(train_len, color="grey", linestyle=":", linewidth=1)
+    ax.annotate(f"training length ({train_len})", (train_len, 1.0), xycoords=("data", "axes fraction"),
+                xytext=(3, -3), textcoords="offset points", fontsize=7, color="grey", va="top")
+    ax.set_xlabel("context length (multiple of the training length; tokens)")
+
+
+def _aggregate(df, y: str):
+    """Rows of (model, length[, seed]) -> per (model, length): mean, low, high, n. Several seeds: the bootstrap
+    interval over seeds; one row with `{y}_low`/`{y}_high` columns: those; else no interval."""
+    import pandas as pd
+
+    from .stats import mean_ci
+
+    rows = []
+    for (model, length), part in df.groupby(["model", "length"], sort=False):
+        if len(part) > 1:
+            ci = mean_ci(part[y].astype(float))
+            rows.append(dict(model=model, length=length, mean=ci["mean"], low=ci["low"], high=ci["high"],
+                             n=ci["n"], what="seeds"))
+        else:
+            r = part.iloc[0]
+            rows.append(dict(model=model, length=length, mean=float(r[y]), low=r.get(f"{y}_low", float("nan")),
+                             high=r.get(f"{y}_high", float("nan")), n=r.get("n", 1), what="samples"))
+    return pd.DataFrame(rows)
+
+
+def context_curve(results, *, train_len: int, y: str = "niah", ylabel: str = "NIAH accuracy",
+                  labels: dict | None = None, title: str | None = None, bar: float | None = None):
+    """A score vs context length, one line per model in its house colour, 95% intervals as bands.
+    `results`: rows (model, length, y) with one row per seed, or per model and length with optional
+    `{y}_low`, `{y}_high` and `n` (evaluation samples). `bar` draws a goal line."""
+    df = _frame(results)
+    agg = _aggregate(df, y)
+    fig, (ax,) = _figure(1, width=6.4, height=4.0)
+    for model, part in agg.groupby("model", sort=False):
+        part = part.sort_values("length")
+        color = model_color(model)
+        ax.plot(part.length, part["mean"], marker="o", color=color, label=(labels or {}).get(model, model))
+        if part.low.notna().any():
+            ax.fill_between(part.length, part.low.astype(float), part.high.astype(float), color=color, alpha=0.18,
+                            linewidth=0)
+    if bar is not None:
+        ax.axhline(bar, color="black", linestyle="--", linewidth=0.8)
+        ax.annotate(f"goal {bar:g}", (1.0, bar), xycoords=("axes fraction", "data"), xytext=(-3, 3),
+                    textcoords="offset points", ha="right", fontsize=7)
+    if len(agg):
+        _multiple_axis(ax, agg.length, train_len)
+    ax.set_ylim(-0.03, 1.03) if y in ("niah", "accuracy", "score") else None
+    ax.set_ylabel(ylabel)
+    ns = sorted({int(n) for n in agg.n.dropna()})
+    what = "seeds" if (agg.what == "seeds").any() else "samples per length"
+    band = "95% CI (bootstrap over seeds)" if what == "seeds" else "95% CI (Wilson over samples)"
+    note = f"bands: {band}; n = {ns[0] if len(ns) == 1 else f'{ns[0]}-{ns[-1]}'} {what}" if ns else ""
+    ax.set_title(title or f"{ylabel} vs context length", fontsize=10)
+    if note and agg.low.notna().any():
+        ax.text(0.0, -0.32, note, transform=ax.transAxes, fontsize=7, color="dimgrey")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def cache_curve(results, *, train_len: int, labels: dict | None = None, title: str | None = None):
+    """Cache bytes after the prompt vs context length (log-log), one line per model in its house colour:
+    measured points filled, predicted ones hollow; the ratio of the first model to the others at the longest
+    length annotated. `results`: rows (model, length, cache_bytes[, cache_bytes_measured])."""
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter
+
+    df = _frame(results)
+    fig, (ax,) = _figure(1, width=6.4, height=4.0)
+    longest = int(df.length.max())
+    at_longest = {}
+    for model, part in df.groupby("model", sort=False):
+        part = part.sort_values("length")
+        color = model_color(model)
+        mib = part.cache_bytes.astype(float) / 2**20
+        ax.plot(part.length, mib, color=color, label=(labels or {}).get(model, model))
+        measured = part.get("cache_bytes_measured", part.cache_bytes * np.nan).notna().to_numpy()
+        ax.scatter(part.length[measured], mib[measured], color=color, zorder=3)
+        ax.scatter(part.length[~measured], mib[~measured], facecolors="white", edgecolors=color, zorder=3)
+        at_longest[model] = float(mib.iloc[-1])
+    models = list(at_longest)
+    if len(models) > 1:
+        ref = at_longest[models[0]]
+        for m in models[1:]:
+            ax.annotate(f"{at_longest[m] / ref:.2f}x {(labels or {}).get(models[0], models[0])}",
+                        (longest, at_longest[m]), xytext=(-4, -12), textcoords="offset points", ha="right",
+                        fontsize=8, color=model_color(m))
+    _multiple_axis(ax, df.length, train_len)
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_ylabel("cache after the prompt (MiB)")
+    ax.set_title(title or "cache vs context length (filled: measured, hollow: predicted)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(alpha=0.3, which="both")
+    return fig
