@@ -570,6 +570,25 @@ def _check_options(rope_init, qk_norm, mixer_init, rank_energy):
         raise UpcycleError(f"rank_energy={rank_energy} must be in (0, 1]")
 
 
+def check_upcycle(base_config, layout=None, *, mla_layers=None, select=None, preset=None, linear=None,
+                  q_lora_rank=None, kv_lora_rank=None, qk_rope_head_dim=None, qk_nope_head_dim=None,
+                  gdn_num_heads=None, gdn_head_dim=None, rank_energy=None, rope_init="filled", qk_norm="fold",
+                  mixer_init="attention", **config_overrides):
+    """Every check of `upcycle` that needs no weights, on the base's config alone (UpcycleError on the first
+    problem) -> (HyloConfig before SMART / rank_energy, mixers, dims, number of MLA layers SMART must choose)."""
+    _check_options(rope_init, qk_norm, mixer_init, rank_energy)
+    check_base_config(base_config)
+    mixers, preset_dims, k_smart = plan_mixers(base_config, layout, mla_layers=mla_layers, select=select,
+                                               preset=preset, linear=linear)
+    explicit = dict(q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+                    qk_nope_head_dim=qk_nope_head_dim, gdn_num_heads=gdn_num_heads, gdn_head_dim=gdn_head_dim)
+    dims = {**preset_dims, **{k: v for k, v in explicit.items() if v is not None}, **config_overrides}
+    if qk_rope_head_dim is not None and qk_nope_head_dim is None and "qk_nope_head_dim" not in preset_dims:
+        dims["qk_nope_head_dim"] = base_shape(base_config)["head_dim"] - qk_rope_head_dim
+    config = hylo_config_from_base(base_config, mixers, **dims)  # validates dims and ranks
+    return config, mixers, dims, k_smart
+
+
 def upcycle(base, layout=None, *, mla_layers=None, select=None, preset=None, linear=None,
             q_lora_rank=None, kv_lora_rank=None, qk_rope_head_dim=None, qk_nope_head_dim=None,
             gdn_num_heads=None, gdn_head_dim=None, rank_energy=None, rope_init="filled", qk_norm="fold",
@@ -591,17 +610,13 @@ def upcycle(base, layout=None, *, mla_layers=None, select=None, preset=None, lin
     Remaining keyword arguments go to HyloConfig (e.g. chunk_size, kernel_backend, mla_rope_parameters).
     Everything that can be checked without weights is checked before the base's weights are loaded.
     """
-    _check_options(rope_init, qk_norm, mixer_init, rank_energy)
     base_config = load_base_config(base)
-    check_base_config(base_config)
-    mixers, preset_dims, k_smart = plan_mixers(base_config, layout, mla_layers=mla_layers, select=select,
-                                               preset=preset, linear=linear)
-    explicit = dict(q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
-                    qk_nope_head_dim=qk_nope_head_dim, gdn_num_heads=gdn_num_heads, gdn_head_dim=gdn_head_dim)
-    dims = {**preset_dims, **{k: v for k, v in explicit.items() if v is not None}, **config_overrides}
-    if qk_rope_head_dim is not None and qk_nope_head_dim is None and "qk_nope_head_dim" not in preset_dims:
-        dims["qk_nope_head_dim"] = base_shape(base_config)["head_dim"] - qk_rope_head_dim
-    config = hylo_config_from_base(base_config, mixers, **dims)  # validates dims and ranks
+    config, mixers, dims, k_smart = check_upcycle(
+        base_config, layout, mla_layers=mla_layers, select=select, preset=preset, linear=linear,
+        q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+        qk_nope_head_dim=qk_nope_head_dim, gdn_num_heads=gdn_num_heads, gdn_head_dim=gdn_head_dim,
+        rank_energy=rank_energy, rope_init=rope_init, qk_norm=qk_norm, mixer_init=mixer_init, **config_overrides)
+    explicit = dict(q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank)
     if k_smart and calibration_ids is None:
         raise UpcycleError("select='smart' needs calibration_ids (a [B, T] LongTensor of token ids)")
 
