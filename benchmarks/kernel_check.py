@@ -48,9 +48,9 @@ from hylo_lab.ops.ssd import chunked_ssd, ssd  # noqa: E402
 
 TOL = {"float32": dict(fwd=2e-3, grad=5e-3), "bfloat16": dict(fwd=2e-2, grad=5e-2)}
 FULL = dict(check_T=1024, bench_T=32768, gdn=(6, 256, 512), ssd=(32, 64, 64), mla_T=2048, mla_past=6144,
-            mla_bench=(16384, 131072), decode_S=4096, decode_bench_S=131072, reps=20)
+            mla_bench=(16384, 131072), decode_S=4096, decode_bench_S=131072, reps=20, train_T=8192)
 SMOKE = dict(check_T=40, bench_T=64, gdn=(2, 16, 32), ssd=(2, 8, 8), mla_T=24, mla_past=40,
-             mla_bench=(32, 96), decode_S=40, decode_bench_S=80, reps=1)
+             mla_bench=(32, 96), decode_S=40, decode_bench_S=80, reps=1, train_T=100)
 
 
 def rel(a, b):
@@ -89,7 +89,7 @@ class Checker:
         self.meta = dict(device=torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor() or "cpu",
                          torch=torch.__version__, smoke=args.smoke, tolerances=TOL,
                          fla=dispatch.kernel_available("fla"), mamba_ssm=dispatch.kernel_available("mamba_ssm"),
-                         fla_backward_refused=dispatch.fla_gated_backward_refused())
+                         fla_backward_refused={op: dispatch.fla_backward_refused(op) for op in dispatch.FLA_CHUNK_OPS})
         try:
             import triton
             self.meta["triton"] = triton.__version__
@@ -131,11 +131,11 @@ class Checker:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def grads(self, fast, ref, inputs, names, row, fla_gated=False):
+    def grads(self, fast, ref, inputs, names, row, fla_op=None):
         """Backward of a random cotangent through fast and ref (float64 copies); fills grad_err/grad_status.
-        fla_gated: the fast path is an fla gated chunk kernel, whose backward fla refuses on some GPUs (known in
-        advance: not attempted, since the refusal comes only after compiling most of the backward kernels)."""
-        refused = dispatch.fla_gated_backward_refused() if fla_gated else None
+        fla_op: the fast path is fla's chunk kernel for this op ("gated_delta" | "simple_gla"), whose backward
+        fla refuses on some GPUs: dispatch's rule and probe decide, and a refusal is recorded, not attempted."""
+        refused = dispatch.backward_decision(fla_op, str(self.device)) if fla_op else None
         if refused:
             row["grad_status"], row["grad_error"] = "refused", refused
             return
@@ -185,7 +185,7 @@ class Checker:
             else "torch reference (no fla)"
         row = dict(path=path, shape=f"T={T} H,K,V={self.s['gdn']}", fwd_err=rel(o, ro), state_err=rel(s, rs))
         if grad:
-            self.grads(fast, ref, xs, ["q", "k", "v", "g", "beta", "h0"], row, fla_gated=mode == "fla")
+            self.grads(fast, ref, xs, ["q", "k", "v", "g", "beta", "h0"], row, fla_op="gated_delta" if mode == "fla" else None)
         Tb = self.s["bench_T"] if T > 1 else 1
         xb = self.gdn_inputs(Tb, dtype)
         with torch.no_grad():
@@ -229,7 +229,7 @@ class Checker:
             ry, rs = ref(*[t.detach().double() for t in xs])
         row = dict(path=path, shape=f"T={T} H,N,P={self.s['ssd']}", fwd_err=rel(y, ry), state_err=rel(s, rs))
         if grad:
-            self.grads(fast, ref, xs, ["x", "dt", "A", "B", "C", "h0"], row, fla_gated=mode == "fla")
+            self.grads(fast, ref, xs, ["x", "dt", "A", "B", "C", "h0"], row, fla_op="simple_gla" if mode == "fla" else None)
         Tb = self.s["bench_T"] if T > 1 else 1
         xb = self.ssd_inputs(Tb, dtype)
         with torch.no_grad():
@@ -336,6 +336,25 @@ class Checker:
                     fwd_err=rel(o2, o1), fast_ms=chunked, ref_ms=one,
                     bench="fast = chunked, ref = one call (same kernel); err = chunked vs one call")
 
+    def check_torch_training(self, op, dtype):
+        """The PyTorch chunked path forward + backward at train_T (what trains where no kernel's backward runs):
+        time, and its float32-accumulated output vs the float64 chunked form on the same inputs."""
+        T = self.s["train_T"]
+        xs = (self.gdn_inputs if op == "gdn" else self.ssd_inputs)(T, dtype, True)
+        fn = (lambda *a: chunked_gated_delta_rule(*a[:5], initial_state=a[5], use_qk_l2norm=True)) if op == "gdn" \
+            else (lambda *a: chunked_ssd(*a[:5], initial_state=a[5]))
+
+        def step():
+            o, s = fn(*xs)
+            torch.autograd.grad((o.float().square().mean() + s.mean()), xs)
+
+        ms = bench(step, self.device, 3)
+        with torch.no_grad():
+            o, s = fn(*xs)
+            ro, rs = fn(*[x.detach().double() for x in xs])
+        return dict(path="torch chunked fwd+bwd", shape=f"T={T} {self.s[op]}", fwd_err=rel(o, ro),
+                    state_err=rel(s, rs), fast_ms=ms, bench=f"fwd+bwd at T={T}")
+
     def main(self):
         """bf16 first (the dtype the benchmarks run; each dtype autotunes the kernels anew), then float32;
         within a dtype the attention checks (no autotuning) first."""
@@ -350,6 +369,9 @@ class Checker:
             self.run("gdn_recurrent", lambda dt: self.check_gdn(1, dt), dtype)
             self.run("ssd_chunk", lambda dt: self.check_ssd(T, dt), dtype)
             self.run("ssd_recurrent", lambda dt: self.check_ssd(1, dt), dtype)
+            if dtype == torch.bfloat16:
+                self.run("gdn_torch_train", lambda dt: self.check_torch_training("gdn", dt), dtype)
+                self.run("ssd_torch_train", lambda dt: self.check_torch_training("ssd", dt), dtype)
         self.save()
         print(open(self.out / "kernel_check.md").read())
         return 0

@@ -188,6 +188,29 @@ def test_ssd_bf16_close_to_float64():
     close(y, ref, 0.03 * ref.abs().max().item())
 
 
+# 1001 tokens in chunks of 16: 63 chunks, the last one short. Strong decay (total log decay ~ -1e3) is where a
+# segment sum taken as a difference of prefix sums loses float32 precision; float32 within 2e-4 of float64.
+@pytest.mark.parametrize("op", ["ssd", "gated_delta"])
+def test_chunked_float32_long_sequence_matches_float64_recurrent_with_gradients(op):
+    if op == "ssd":
+        (x, dt, A, B, C), s0 = ssd_inputs(B=1, T=1001, H=2, P=8, N=4)
+        inputs, chunked, recurrent = (x, dt * 3, A, B, C), chunked_ssd, recurrent_ssd
+    else:
+        (q, k, v, g, beta), s0 = gdn_inputs(B=1, T=1001, H=2, K=4, V=8)
+        inputs, chunked, recurrent = (q, F.normalize(k, dim=-1), v, g * 4, beta), chunked_gated_delta_rule, \
+            recurrent_gated_delta_rule
+    ref_leaves = [t.clone().requires_grad_() for t in (*inputs, s0)]
+    y_ref, s_ref = recurrent(*ref_leaves[:5], initial_state=ref_leaves[5])
+    (y_ref.square().sum() + s_ref.sum()).backward()
+    leaves = [t.float().requires_grad_() for t in (*inputs, s0)]
+    y, s = chunked(*leaves[:5], initial_state=leaves[5], chunk_size=16)
+    (y.square().sum() + s.sum()).backward()
+    close(y, y_ref, 2e-4 * y_ref.abs().max().item())
+    close(s, s_ref, 2e-4 * s_ref.abs().max().item())
+    for a, b in zip(leaves, ref_leaves):
+        close(a.grad, b.grad, 2e-4 * b.grad.abs().max().item())
+
+
 # ---------------------------------------------------------------- causal conv
 
 @pytest.mark.parametrize("W", [1, 4], ids=lambda w: f"W{w}")
@@ -253,14 +276,80 @@ def test_unknown_backend_is_rejected():
         dispatch.use_kernel("fla", "triton", torch.zeros(1))
 
 
-def test_auto_backend_avoids_a_refused_fla_backward(monkeypatch):
-    """Under "auto", a chunked call that will need a backward fla refuses on this GPU runs the reference;
-    inference (no grad) and a forced "fla" still take the kernel."""
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    """Decisions and announcements are cached per process: start each test with empty caches."""
+    cached = (dispatch.fla_backward_refused, dispatch.backward_decision)
+    for fn in cached:
+        fn.cache_clear()
+    monkeypatch.setattr(dispatch, "_announced", set())
+    yield
+    for fn in cached:
+        fn.cache_clear()
+
+
+def _hopper_with_triton_3_6(monkeypatch, importable=()):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(dispatch, "_triton_version", lambda: (3, 6, 0))
+    monkeypatch.setattr(dispatch, "_imports", lambda module: module in importable)
+
+
+def test_tilelang_fixes_the_gated_delta_backward_not_simple_gla(monkeypatch, fresh_dispatch):
+    _hopper_with_triton_3_6(monkeypatch, importable=("tilelang",))
+    assert dispatch.fla_backward_refused("gated_delta") is None
+    assert "simple_gla" in dispatch.fla_backward_refused("simple_gla")
+    dispatch.fla_backward_refused.cache_clear()
+    _hopper_with_triton_3_6(monkeypatch, importable=())
+    assert "tilelang" in dispatch.fla_backward_refused("gated_delta")
+    monkeypatch.setattr(dispatch, "_triton_version", lambda: (3, 7, 1))
+    dispatch.fla_backward_refused.cache_clear()
+    assert dispatch.fla_backward_refused("simple_gla") is None
+
+
+def test_refused_backward_falls_back_once_and_says_how_to_get_the_kernel(monkeypatch, fresh_dispatch, caplog):
+    """Under "auto", a chunked call that needs a backward fla cannot run here takes the PyTorch path; the
+    probe runs once per op and device, one warning names the path and the fix; no-grad and forced "fla"
+    calls keep the kernel."""
     monkeypatch.setattr(dispatch, "use_kernel", lambda name, backend, *t: True)
-    monkeypatch.setattr(dispatch, "fla_gated_backward_refused", lambda: "refused here")
+    monkeypatch.setattr(dispatch, "fla_backward_refused", lambda op: None)
+    probes = []
+    monkeypatch.setattr(dispatch, "_probe_backward",
+                        lambda op, device: probes.append(op) or (None if op == "gated_delta" else "RuntimeError: no"))
     x = torch.randn(2, requires_grad=True)
-    assert not dispatch.use_fla_chunk("auto", x)
-    assert dispatch.use_fla_chunk("fla", x)
+    with caplog.at_level("INFO", logger="hylo_lab.ops"):
+        for _ in range(3):
+            assert not dispatch.use_fla_chunk("simple_gla", "auto", x)
+            assert dispatch.use_fla_chunk("gated_delta", "auto", x)
+    assert probes == ["simple_gla", "gated_delta"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "PyTorch" in warnings[0].message and "mamba-ssm" in warnings[0].message
+    assert dispatch.use_fla_chunk("simple_gla", "fla", x)
     with torch.no_grad():
-        assert dispatch.use_fla_chunk("auto", x)
-    assert dispatch.use_fla_chunk("auto", x.detach())
+        assert dispatch.use_fla_chunk("simple_gla", "auto", x)
+    assert dispatch.use_fla_chunk("simple_gla", "auto", x.detach())
+
+
+@pytest.mark.parametrize("op", ["ssd", "gated_delta"])
+def test_auto_never_reaches_a_refused_kernel(monkeypatch, fresh_dispatch, op):
+    """With fla 'importable' but its backward refused, the public ops train through the PyTorch path."""
+    import sys
+
+    gd_mod, ssd_mod = sys.modules["hylo_lab.ops.gated_delta"], sys.modules["hylo_lab.ops.ssd"]  # names shadowed
+
+    fake = lambda name, backend, *t: name == "fla"  # noqa: E731
+    for mod in (dispatch, gd_mod, ssd_mod):
+        monkeypatch.setattr(mod, "use_kernel", fake)
+    monkeypatch.setattr(dispatch, "backward_decision", lambda op, device: "refused")
+    if op == "ssd":
+        inputs, _ = ssd_inputs(T=20)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, _ = ssd(*leaves, backend="auto")
+        ref, _ = chunked_ssd(*inputs)
+    else:
+        inputs, _ = gdn_inputs(T=20)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, _ = gated_delta_rule(*leaves, backend="auto")
+        ref, _ = chunked_gated_delta_rule(*inputs)
+    close(out, ref, 1e-12)
+    out.sum().backward()

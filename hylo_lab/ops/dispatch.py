@@ -7,14 +7,21 @@ backend (config.kernel_backend):
                does not import or a tensor is not on CUDA. Forcing one package says nothing about the
                other: use_kernel("fla", "mamba_ssm", ...) is False.
 Packages are imported only here and inside the ops' kernel branches, never at module level.
+
+Per op the backward may still be refused where the forward runs (fla 0.6 on Hopper with triton < 3.7.1):
+`use_fla_chunk(op, ...)` decides for "gated_delta" and "simple_gla" (Mamba2's SSD through fla) separately,
+knows which package fixes which (BACKWARD_FIXED_BY), probes the kernel once, falls back to the PyTorch path
+and logs one line (logger "hylo_lab.ops") saying which path runs and how to get the fast one.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
 
 import torch
+import torch.nn.functional as F
 
 # The modules an op imports from each package; all of them must import for the package to count.
 KERNEL_MODULES = {
@@ -46,37 +53,108 @@ def kernel_available(pkg: str) -> bool:
     return _import_error(pkg) is None
 
 
-@functools.lru_cache(maxsize=None)
-def fla_gated_backward_refused() -> str | None:
-    """flash-linear-attention 0.6 refuses the backward of its gated chunk kernels (GDN, simple_gla) on Hopper
-    with triton >= 3.4 and < 3.7.1 unless tilelang imports (environment.md). Returns the reason, or None."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        return None
+# The fla chunk kernel behind each trainable op, and the packages that make fla 0.6 run its backward on Hopper
+# with triton >= 3.4, < 3.7.1 (environment.md, measured: tilelang fixes the gated-delta backward, not simple_gla's).
+FLA_CHUNK_OPS = {"gated_delta": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+                 "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla")}
+BACKWARD_FIXED_BY = {"gated_delta": ("tilelang",), "simple_gla": ()}
+FAST_PATH_HINT = {"gated_delta": "install triton>=3.7.1, or tilelang (pip install 'hylo_lab[gpu]')",
+                  "simple_gla": "install triton>=3.7.1 or mamba-ssm (tilelang does not fix simple_gla)"}
+_log = logging.getLogger("hylo_lab.ops")
+_announced: set = set()
+
+
+def _triton_version() -> tuple | None:
     try:
         import triton
-        version = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:3])
+        return tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:3])
     except Exception:
         return None
-    if not ((3, 4, 0) <= version < (3, 7, 1)):
-        return None
+
+
+def _imports(module: str) -> bool:
     try:
-        importlib.import_module("tilelang")
+        importlib.import_module(module)
+        return True
+    except Exception:  # tilelang without its z3 library raises OSError, not ImportError
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def fla_backward_refused(op: str) -> str | None:
+    """Known refusal of fla's chunk backward for `op` on this GPU and software stack, or None.
+
+    fla 0.6 raises in the backward of its gated chunk kernels on Hopper with triton >= 3.4, < 3.7.1 unless a
+    package in BACKWARD_FIXED_BY[op] imports. A rule from measurements; `backward_decision` also probes.
+    """
+    if op not in FLA_CHUNK_OPS:
+        raise ValueError(f"unknown op {op!r}; known: {', '.join(FLA_CHUNK_OPS)}")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         return None
-    except Exception:
-        return f"triton {triton.__version__} on Hopper without tilelang: fla's gated chunk backward is refused"
+    version = _triton_version()
+    if version is None or not ((3, 4, 0) <= version < (3, 7, 1)):
+        return None
+    if any(_imports(pkg) for pkg in BACKWARD_FIXED_BY[op]):
+        return None
+    fixed = " or ".join(BACKWARD_FIXED_BY[op]) or "no carried package"
+    return f"fla's {op} chunk backward is refused on Hopper with triton {'.'.join(map(str, version))} ({fixed} fixes it)"
+
+
+def _probe_backward(op: str, device: torch.device) -> str | None:
+    """Run fla's chunk kernel for `op` forward + backward on 64 tiny tokens; the error as text, or None."""
+    module, name = FLA_CHUNK_OPS[op]
+    try:
+        fn = getattr(importlib.import_module(module), name)
+        q, k, v = (torch.randn(1, 64, 1, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        g = -torch.rand(1, 64, 1, device=device).requires_grad_()
+        kw = dict(q=q, k=k, v=v, g=g)
+        if op == "gated_delta":
+            kw.update(k=F.normalize(k, dim=-1), beta=torch.rand(1, 64, 1, device=device, dtype=torch.bfloat16))
+        o, _ = fn(**kw)
+        o.float().sum().backward()
+        if not all(torch.isfinite(t.grad).all() for t in (q, v)):
+            return "non-finite gradients from the probe"
+        return None
+    except Exception as exc:  # the refusal is a RuntimeError raised inside backward
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+@functools.lru_cache(maxsize=None)
+def backward_decision(op: str, device: str) -> str | None:
+    """None when fla's chunk backward for `op` runs on `device`, else why not. Rule first, then one probe;
+    cached per process, so the refusal is caught once and every later call takes the fallback directly."""
+    return fla_backward_refused(op) or _probe_backward(op, torch.device(device))
+
+
+def announce(op: str, what: str, path: str, why: str | None = None) -> None:
+    """Say once per (op, what, path) which implementation runs, and how to get the fast one if not this."""
+    if (op, what, path) in _announced:
+        return
+    _announced.add((op, what, path))
+    if why is None:
+        _log.info("%s %s: %s", op, what, path)
+    else:
+        _log.warning("%s %s: %s (%s); for the fast path: %s", op, what, path, why, FAST_PATH_HINT[op])
 
 
 def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def use_fla_chunk(backend: str, *tensors) -> bool:
-    """use_kernel("fla") for a chunked (T > 1) gated op, except when a backward will be needed and fla would
-    refuse it on this GPU: then the PyTorch reference (forward and backward) runs instead, under "auto" only."""
+def use_fla_chunk(op: str, backend: str, *tensors) -> bool:
+    """use_kernel("fla") for a chunked (T > 1) op ("gated_delta" | "simple_gla"), except, under "auto", when a
+    backward will be needed and fla cannot run it here: then the PyTorch path (forward and backward) runs
+    instead of a crash in backward. A forced "fla" keeps the kernel (and its error)."""
     if not use_kernel("fla", backend, *tensors):
         return False
-    if backend == "auto" and needs_grad(*tensors) and fla_gated_backward_refused():
-        return False
+    if backend == "auto" and needs_grad(*tensors):
+        device = next(str(t.device) for t in tensors if isinstance(t, torch.Tensor))
+        why = backward_decision(op, device)
+        if why:
+            announce(op, "backward", "PyTorch chunked path", why)
+            return False
+        announce(op, "backward", "fla kernel")
     return True
 
 

@@ -37,8 +37,8 @@ def ssd(x, dt, A, B, C, *, initial_state=None, output_final_state=True, chunk_si
     if use_kernel("mamba_ssm", backend, *tensors):
         return _mamba_ssm_ssd(x, dt, A, B, C, initial_state=initial_state,
                               output_final_state=output_final_state, chunk_size=chunk_size)
-    fla = use_kernel("fla", backend, *tensors) if x.shape[1] == 1 else use_fla_chunk(backend, *tensors,
-                                                                                       initial_state)
+    fla = use_kernel("fla", backend, *tensors) if x.shape[1] == 1 else use_fla_chunk(
+        "simple_gla", backend, *tensors, initial_state)
     if fla:
         return _fla_ssd(x, dt, A, B, C, initial_state=initial_state, output_final_state=output_final_state)
     if x.shape[1] == 1:
@@ -70,6 +70,8 @@ def chunked_ssd(x, dt, A, B, C, *, initial_state=None, output_final_state=True, 
     In a chunk with in-chunk cumulative log decay G (g = dt A) and entry state S0:
         Y   = (C B^T o Gamma) (dt x) + (C e^G) S0,     Gamma_ij = e^{G_i - G_j} (j <= i)
         S_L = e^{G_L} S0 + (B e^{G_L - G})^T (dt x).
+    No loop: the states entering all chunks come at once from the per-chunk states and a [chunks x chunks]
+    matrix of decays between chunk borders (one matmul), so the work is a few large batched matmuls.
     """
     Bsz, T, H, P = x.shape
     N = B.shape[-1]
@@ -95,17 +97,30 @@ def chunked_ssd(x, dt, A, B, C, *, initial_state=None, output_final_state=True, 
     gamma = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     y = ((C @ B.transpose(-1, -2)) * gamma) @ v  # intra-chunk
     Cg = C * G.exp()[..., None]
-    Bd = B * (G[..., -1:] - G).exp()[..., None]
-    gL = G[..., -1].exp()  # [B, H, nc]
-
-    S = x.new_zeros(Bsz, H, N, P) if initial_state is None else initial_state.to(acc)
-    entry = []  # the state entering each chunk
-    for n in range(nc):
-        entry.append(S)
-        S = gL[:, :, n, None, None] * S + Bd[:, :, n].transpose(-1, -2) @ v[:, :, n]
-    y = y + Cg @ torch.stack(entry, dim=2)
+    states = (B * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2) @ v  # [B, H, nc, N, P]: from zero
+    # entering chunk n: sum_{m<n} e^{sum_{m<j<n} G_L,j} states_m + e^{sum_{j<n} G_L,j} S0, for n = 0 .. nc
+    seg = _segment_sums(G[..., -1])  # [B, H, nc+1, nc+1]: seg[n, m] = sum_{m <= j < n} G_L,j
+    decay = seg[..., 1:].masked_fill(~torch.ones(nc + 1, nc, dtype=torch.bool, device=x.device).tril(-1),
+                                     float("-inf")).exp()  # [B, H, nc+1, nc]
+    entry = (decay @ states.flatten(-2)).view(Bsz, H, nc + 1, N, P)
+    if initial_state is not None:
+        entry = entry + seg[..., 0].exp()[..., None, None] * initial_state.to(acc)[:, :, None]
+    y = y + Cg @ entry[:, :, :nc]
     y = y.reshape(Bsz, H, nc * L, P)[:, :, :T].transpose(1, 2)
-    return y.to(out_dtype), (S if output_final_state else None)
+    return y.to(out_dtype), (entry[:, :, nc] if output_final_state else None)
+
+
+def _segment_sums(g):
+    """g [..., n] -> [..., n+1, n+1] with out[i, j] = sum_{j <= r < i} g_r (0 for j >= i).
+
+    Summed directly over each range (reverse cumulative sums of the masked rows), not as a difference of
+    two prefix sums, which loses precision once the total decay of a long sequence is large.
+    """
+    n = g.shape[-1]
+    rows = g[..., None, :].expand(*g.shape[:-1], n + 1, n)
+    rows = rows.masked_fill(~torch.ones(n + 1, n, dtype=torch.bool, device=g.device).tril(-1), 0)
+    tail = rows.flip(-1).cumsum(-1).flip(-1)  # tail[i, j] = sum_{r >= j, r < i} g_r
+    return F.pad(tail, (0, 1))
 
 
 @functools.lru_cache(maxsize=None)
