@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.mla_decode import mla_decode
 from .attention import causal_mask, prefill_attention
 from .common import RMSNorm, apply_rotary
 
@@ -66,8 +67,7 @@ class MLA(nn.Module):
             if attention_mask is not None:
                 raise ValueError("the static (CUDA-graph) decode path takes no attention_mask: rows are unpadded")
             state.write_at_position(c, k_rope)
-            valid = torch.arange(state.capacity, device=x.device) <= state.position  # rows 0..position
-            o = self.absorbed(q_nope, q_rope, state.kv, valid[None, None, :], scale)
+            o = self.decode(q_nope, q_rope, state.kv, state.position + 1, scale)
             return self.o_proj(o.reshape(B, T, H * self.v_dim))
         past = 0
         if state is not None:
@@ -93,6 +93,35 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         o = prefill_attention(q, k.transpose(1, 2), v.transpose(1, 2), past, attention_mask, scale=scale)
         return o.transpose(1, 2)
+
+    def decode(self, q_nope, q_rope, kv, length, scale):
+        """One token [B, 1, H, *] over the buffer kv [B, S, r + rope], rows < length (a device tensor) visible:
+        ops.mla_decode (split-K Triton kernel on CUDA, its PyTorch reference elsewhere) in the absorbed form
+        q_lat_h = q_nope_h W_kb^g, o_h = W_vb^g o_lat_h (+ v bias), g = h // (H / Hkv)."""
+        B, T, H, _ = q_nope.shape
+        q_lat = self._absorb_q(q_nope)  # [B, H, T, r]
+        q_cat = torch.cat([q_lat, q_rope.transpose(1, 2).to(q_lat.dtype)], dim=-1).to(kv.dtype)
+        o_lat = mla_decode(q_cat.view(B, H, -1), kv, length, self.kv_lora_rank, scale,
+                           backend=getattr(self, "decode_backend", "auto"))
+        return self._unabsorb_o(o_lat.view(B, H, T, -1)).to(q_nope.dtype)
+
+    def _absorb_q(self, q_nope):
+        """q_nope [B, T, H, nope] -> q_nope W_kb per KV group [B, H, T, r], without repeating W_kb per head."""
+        B, T, H, _ = q_nope.shape
+        Hkv = self.num_kv_heads
+        w_k = self.kv_b_proj.weight.view(Hkv, self.nope + self.v_dim, -1)[:, : self.nope]
+        q = torch.einsum("btgjn,gnr->bgjtr", q_nope.view(B, T, Hkv, H // Hkv, self.nope), w_k.to(q_nope.dtype))
+        return q.reshape(B, H, T, -1)
+
+    def _unabsorb_o(self, o_lat):
+        """o_lat [B, H, T, r] -> W_vb per KV group (+ the v bias) [B, T, H, v]."""
+        B, H, T, r = o_lat.shape
+        Hkv = self.num_kv_heads
+        w_v = self.kv_b_proj.weight.view(Hkv, self.nope + self.v_dim, r)[:, self.nope:]
+        o = torch.einsum("bgjtr,gvr->btgjv", o_lat.view(B, Hkv, H // Hkv, T, r), w_v.to(o_lat.dtype))
+        if self.kv_b_proj.bias is not None:
+            o = o + self.kv_b_proj.bias.view(Hkv, -1)[:, None, self.nope:].to(o.dtype)
+        return o.reshape(B, T, H, self.v_dim)
 
     def absorbed(self, q_nope, q_rope, kv, allowed, scale):
         """Attention in latent space over kv = [c | k_rope] [B, S, r + rope], never expanding K/V:
