@@ -7,6 +7,8 @@ mixer is MLA, Mamba2, GatedDeltaNet or the base's own attention, chosen by `conf
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -16,12 +18,21 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache import HyloCache
 from .config import HyloConfig
 from .layers.attention import Attention
-from .layers.common import MLP, RMSNorm, Rotary
+from .layers.common import MLP, RMSNorm, Rotary, mla_rotary
 from .layers.gdn import GatedDeltaNet
 from .layers.mamba2 import Mamba2
 from .layers.mla import MLA
 
 MIXER_CLASSES = {"mla": MLA, "attention": Attention, "gdn": GatedDeltaNet, "mamba2": Mamba2}
+# Newer transformers (5.25 here) pass and return the cache as `cache` and warn on `past_key_values`; older ones
+# (5.17) know only `past_key_values`. forward() takes either; outputs and generation inputs use the installed name.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def pick_cache(past_key_values, cache):
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache once, as `cache` or `past_key_values`, not two different ones")
+    return past_key_values if cache is None else cache
 
 
 class HyloDecoderLayer(GradientCheckpointingLayer):
@@ -60,6 +71,15 @@ class HyloPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """save_pretrained, plus flat copies of the modeling code and an `auto_map` (hylo_lab/hub.py), so that
+        `trust_remote_code=True` loads the folder where hylo_lab is not installed. A remote-code copy of this class
+        (`_auto_class` set by transformers) is saved by transformers itself."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is None and kwargs.get("is_main_process", True):
+            # by name: an import statement here would make the remote-code copy require hylo_lab
+            importlib.import_module("hylo_lab.hub").write_remote_code(save_directory)
+
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -79,7 +99,7 @@ class HyloModel(HyloPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = nn.ModuleDict()
         if "mla" in config.mixers:
-            self.rotary["mla"] = Rotary(config.qk_rope_head_dim, config.mla_rope_parameters, config.max_position_embeddings)
+            self.rotary["mla"] = mla_rotary(config)
         if "attention" in config.mixers:
             self.rotary["attention"] = Rotary(config.head_dim, config.rope_parameters, config.max_position_embeddings)
         self.gradient_checkpointing = False
@@ -94,7 +114,8 @@ class HyloModel(HyloPreTrainedModel):
         return tables
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=False, **kwargs):
+                inputs_embeds=None, use_cache=None, output_hidden_states=False, cache=None, **kwargs):
+        past_key_values = pick_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -122,7 +143,7 @@ class HyloModel(HyloPreTrainedModel):
                 past_key_values.sync_position()
         if output_hidden_states:
             hidden_states[-1] = h
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values,
+        return BaseModelOutputWithPast(last_hidden_state=h, **{CACHE_NAME: past_key_values},
                                        hidden_states=tuple(hidden_states) if hidden_states else None)
 
 
@@ -145,26 +166,28 @@ class HyloForCausalLM(HyloPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=False,
-                logits_to_keep: int = 0, **kwargs):
+                logits_to_keep: int = 0, cache=None, **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states)
+                         past_key_values=pick_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: getattr(out, CACHE_NAME)},
                                       hidden_states=out.hidden_states)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=True, **kwargs):
-        """Feed only the tokens the cache has not seen; positions follow from the cache length and padding."""
+                                      inputs_embeds=None, use_cache=True, cache=None, **kwargs):
+        """Feed only the tokens the cache has not seen; positions follow from the cache length and padding.
+        GenerationMixin hands the cache back as `cache` or `past_key_values`, whichever its version uses."""
+        past_key_values = pick_cache(past_key_values, cache)
         if past_key_values is None and use_cache:
             past_key_values = HyloCache(self.config)
         past = past_key_values.seq_length if past_key_values is not None else 0
-        inputs = {"past_key_values": past_key_values, "use_cache": use_cache, "attention_mask": attention_mask}
+        inputs = {CACHE_NAME: past_key_values, "use_cache": use_cache, "attention_mask": attention_mask}
         if inputs_embeds is not None and past == 0:
             inputs["inputs_embeds"] = inputs_embeds
             T = inputs_embeds.shape[1]
@@ -178,5 +201,6 @@ class HyloForCausalLM(HyloPreTrainedModel, GenerationMixin):
         return inputs
 
 
-AutoConfig.register("hylo", HyloConfig, exist_ok=True)
-AutoModelForCausalLM.register(HyloConfig, HyloForCausalLM, exist_ok=True)
+if __name__ == "hylo_lab.model":  # a remote-code copy (hub.py) is registered by transformers, per folder
+    AutoConfig.register("hylo", HyloConfig, exist_ok=True)
+    AutoModelForCausalLM.register(HyloConfig, HyloForCausalLM, exist_ok=True)
