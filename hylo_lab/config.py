@@ -155,6 +155,7 @@ class HyloConfig(PretrainedConfig):
         mla_latent_norm: bool = False,
         mla_bias: bool = False,
         mla_rope_parameters: dict | None = None,
+        mla_rope_pairs: list[int] | None = None,
         mamba2_state_size: int | None = None,
         mamba2_conv_kernel: int = 4,
         gdn_num_heads: int = 2,
@@ -201,6 +202,9 @@ class HyloConfig(PretrainedConfig):
         self.mla_latent_norm = mla_latent_norm
         self.mla_bias = mla_bias
         self.mla_rope_parameters = dict(mla_rope_parameters or self.rope_parameters)
+        # Upcycled: which of the base head's head_dim/2 RoPE frequencies the MLA rotates (upcycle.rope_pairs);
+        # None: the MLA's own qk_rope_head_dim frequencies (layers.common.mla_rotary).
+        self.mla_rope_pairs = None if mla_rope_pairs is None else [int(j) for j in mla_rope_pairs]
         self.mamba2_state_size = mamba2_state_size or self.head_dim
         self.mamba2_conv_kernel = mamba2_conv_kernel
         self.gdn_num_heads = gdn_num_heads
@@ -236,6 +240,11 @@ class HyloConfig(PretrainedConfig):
                 raise ValueError(f"mla_num_kv_heads={Hkv} must divide num_attention_heads={H}")
             if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim <= 0:
                 raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number")
+            pairs = self.mla_rope_pairs
+            if pairs is not None and (len(pairs) != self.qk_rope_head_dim // 2 or len(set(pairs)) != len(pairs)
+                                      or not all(0 <= j < self.head_dim // 2 for j in pairs)):
+                raise ValueError(f"mla_rope_pairs={pairs} must be qk_rope_head_dim/2 = {self.qk_rope_head_dim // 2} "
+                                 f"distinct frequency pairs in 0..{self.head_dim // 2 - 1} of the base head")
             q_full = min(self.hidden_size, H * (self.qk_nope_head_dim + self.qk_rope_head_dim))
             if self.q_lora_rank is not None and not 0 < self.q_lora_rank <= q_full:
                 raise ValueError(f"q_lora_rank={self.q_lora_rank} must be in 1..{q_full} "

@@ -3,10 +3,11 @@
 Copied exactly (same dtype = bit-identical): embeddings, every input / post-attention RMSNorm, every MLP, the
 final norm and the LM head (tied or untied, as in the base). Each attention block becomes, by the layout:
 - "mla": truncated SVD (X-EcoMLA). Per query head the RoPE rows are rope/2 frequency pairs (j, j + hd/2) of
-  the base head, taken every hd/rope pairs: MLA's own Rotary(qk_rope_head_dim) with the base's
-  rope_parameters then has exactly those frequencies (llama3 scaling included, since it is per frequency),
-  so the RoPE part of a score is the base's contribution of those pairs. The NoPE rows are the first `nope`
-  remaining dims, now unrotated (the one inherent approximation besides the rank). q_a_proj = S_r V_r^T,
+  the base head, taken every hd/rope pairs (rope_pairs, stored as config.mla_rope_pairs): MLA's Rotary
+  computes the base head's frequencies and attention factor (transformers' own, for every rope type) and
+  keeps those pairs, so the RoPE part of a score is the base's contribution of those pairs (a YaRN stage
+  later extends the base head's RoPE at the same pairs). The NoPE rows are the first `nope` remaining dims,
+  now unrotated (the one inherent approximation besides the rank). q_a_proj = S_r V_r^T,
   q_b_proj = U_r of the per-head [nope | rope] query matrix (scaled by sqrt((nope+rope)/hd) so the MLA's
   softmax scale equals the base's); kv_a_proj_with_mqa[:r] = S_r V_r^T, kv_b_proj = U_r of the stacked
   [K_nope; V] rows of every KV head (one shared latent); kv_a_proj_with_mqa[r:] (the shared RoPE key) is
@@ -128,6 +129,10 @@ def _rope_parameters(cfg) -> dict:
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params.pop("type")
     params.setdefault("rope_type", "default")
+    original = params.get("original_max_position_embeddings")
+    if params["rope_type"] == "longrope" and params.get("factor") is None and original:
+        # transformers derives it from max_position_embeddings, which a YaRN stage on the MLA layers raises
+        params["factor"] = cfg.max_position_embeddings / original
     return params
 
 
@@ -220,6 +225,9 @@ def hylo_config_from_base(base_config, mixers, **dims) -> HyloConfig:
     kw["mixers"] = list(mixers)
     kw.setdefault("mla_bias", kw["attention_bias"])
     _check_upcycle_dims(kw)
+    hd, rope = kw["head_dim"], kw["qk_rope_head_dim"]
+    if kw.get("mla_rope_pairs") is None and 0 < rope <= hd and hd % rope == 0 and rope % 2 == 0:
+        kw["mla_rope_pairs"] = rope_pairs(hd, rope)
     try:
         return HyloConfig(**kw)
     except ValueError as exc:
@@ -344,12 +352,19 @@ def kept_energy(S: torch.Tensor, rank: int) -> float:
     return float(e[:rank].sum() / e.sum().clamp_min(1e-300))
 
 
+def rope_pairs(head_dim: int, rope: int) -> list[int]:
+    """The base head's frequency pairs an MLA of qk_rope_head_dim `rope` keeps: 0, s, 2s, ... (s = hd/rope), so
+    the kept frequencies span the base's range from the fastest down. Stored as config.mla_rope_pairs: the MLA's
+    Rotary then rotates pair i at exactly the base's inv_freq[pairs[i]] (whatever the rope type)."""
+    return list(range(0, head_dim // 2, head_dim // rope))[: rope // 2]
+
+
 def rope_dim_split(head_dim: int, rope: int, nope: int) -> tuple[list[int], list[int]]:
-    """Base head dims feeding MLA's (NoPE, RoPE) parts. Half-split RoPE pairs dim j with j + hd/2 at frequency
-    theta^(-2j/hd); MLA's Rotary(rope) has theta^(-2i/rope) = the base's pair j = i * hd/rope. So the RoPE rows
-    are pairs 0, s, 2s, ... (s = hd/rope), laid out [firsts | seconds]; NoPE = the first `nope` other dims."""
-    half, stride = head_dim // 2, head_dim // rope
-    pairs = list(range(0, half, stride))[: rope // 2]
+    """Base head dims feeding MLA's (NoPE, RoPE) parts. Half-split RoPE rotates dims j and j + hd/2 at the
+    base's inv_freq[j]; the RoPE rows are the kept pairs (rope_pairs) laid out [firsts | seconds], as MLA's
+    Rotary lays out its pairs; NoPE = the first `nope` other dims."""
+    half = head_dim // 2
+    pairs = rope_pairs(head_dim, rope)
     rope_src = pairs + [j + half for j in pairs]
     taken = set(rope_src)
     return [d for d in range(head_dim) if d not in taken][:nope], rope_src
@@ -868,7 +883,8 @@ def describe(config, seq_lens=(8192, 65536), dtype=torch.bfloat16) -> str:
 
 
 __all__ = ["upcycle", "convert_all", "assemble", "smart_select", "hylo_config_from_base", "describe",
-           "UpcycleError", "check_base_config", "default_dims", "low_rank", "energy_rank", "rope_dim_split"]
+           "UpcycleError", "check_base_config", "default_dims", "low_rank", "energy_rank", "rope_dim_split",
+           "rope_pairs"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -108,9 +108,10 @@ def apply_yarn(model, yarn, seq_len: int) -> dict:
     """Set YaRN on the MLA layers' RoPE (config.mla_rope_parameters) and rebuild their Rotary tables.
 
     rope_theta is kept from the current MLA RoPE; max_position_embeddings grows to cover seq_len and
-    factor x original length. Returns the new rope parameters. Attention layers keep the base's RoPE.
+    factor x original length. An upcycled MLA gets the base head's frequencies under YaRN at its kept pairs
+    (layers.common.mla_rotary). Returns the new rope parameters. Attention layers keep the base's RoPE.
     """
-    from ..layers.common import Rotary
+    from ..layers.common import mla_rotary
 
     config = model.config
     if "mla" not in config.mixers:
@@ -119,7 +120,7 @@ def apply_yarn(model, yarn, seq_len: int) -> dict:
     config.mla_rope_parameters = params
     config.max_position_embeddings = int(max(config.max_position_embeddings, seq_len,
                                              yarn.factor * yarn.original_max_position_embeddings))
-    model.model.rotary["mla"] = Rotary(config.qk_rope_head_dim, params, config.max_position_embeddings)
+    model.model.rotary["mla"] = mla_rotary(config)
     return params
 
 

@@ -84,40 +84,83 @@ def apply_rotary(x, cos, sin):
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+
+def rope_frequencies(rope_parameters: dict, head_dim: int, max_position_embeddings: int, *, long: bool = False):
+    """(inv_freq [head_dim/2] float32, attention factor) exactly as transformers computes them for a head of width
+    head_dim: its default formula in float32 (1 / theta^(2j/hd), as every model's compute_default_rope_parameters),
+    else ROPE_INIT_FUNCTIONS. long=True: longrope's long factors (transformers uses them for a forward whose
+    largest position is >= original_max_position_embeddings)."""
+    params = dict(rope_parameters)
+    rope_type = params.setdefault("rope_type", params.pop("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not supported; use one of {', '.join(ROPE_TYPES)}")
+    theta = params.setdefault("rope_theta", 10000.0)
+    with torch.device("cpu"):
+        if rope_type == "default":
+            return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(params.get(key) or ()) != head_dim // 2:
+                    raise ValueError(f"longrope's {key} has {len(params.get(key) or ())} entries but a head of "
+                                     f"{head_dim} dims has {head_dim // 2} frequencies: give one per pair")
+        from transformers import PretrainedConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        shim = PretrainedConfig(rope_parameters=params, head_dim=head_dim, hidden_size=head_dim, num_attention_heads=1,
+                                max_position_embeddings=max_position_embeddings)
+        seq_len = params.get("original_max_position_embeddings", max_position_embeddings) + 1 if long else None
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](shim, torch.device("cpu"), seq_len=seq_len)
+        return inv_freq.float(), float(scaling)
+
+
 class Rotary(nn.Module):
-    """cos/sin tables for RoPE of width `dim`, from a `rope_parameters` dict through transformers' RoPE
-    utilities (default, linear, llama3, yarn, longrope), so YaRN means exactly what transformers means.
+    """cos/sin tables for RoPE with the frequencies transformers gives a head of width `head_dim` under
+    `rope_parameters` (rope_frequencies: default, linear, llama3, yarn, longrope), bit for bit.
+
+    pairs: which of those head_dim/2 frequencies the table rotates (an upcycled MLA keeps some pairs of the base
+    head: upcycle.rope_pairs); the table is then 2 * len(pairs) wide, pair i rotating dims i and i + len(pairs).
+    None = all. longrope switches to its long factors for a forward whose largest position is >=
+    original_max_position_embeddings, as transformers' dynamic_rope_update does (per call, no host sync).
 
     The frequencies are not a buffer: they are derived from the config, so loading a checkpoint (which builds
     modules on the meta device) can never leave them uninitialised, and changing `rope_parameters` (a YaRN
     stage) only needs a new Rotary.
     """
 
-    def __init__(self, dim: int, rope_parameters: dict, max_position_embeddings: int):
+    def __init__(self, head_dim: int, rope_parameters: dict, max_position_embeddings: int, *, pairs=None):
         super().__init__()
-        self.dim = dim
+        self.head_dim = head_dim
         self.rope_parameters = dict(rope_parameters)
         self.max_position_embeddings = max_position_embeddings
         self.rope_type = self.rope_parameters.get("rope_type", self.rope_parameters.get("type", "default"))
-        if self.rope_type == "dynamic" or self.rope_type not in ("default", "linear", "llama3", "yarn", "longrope"):
-            raise ValueError(f"rope_type {self.rope_type!r} is not supported; use default, linear, llama3, yarn or longrope")
+        self.pairs = list(range(head_dim // 2)) if pairs is None else [int(j) for j in pairs]
+        if not self.pairs or not all(0 <= j < head_dim // 2 for j in self.pairs):
+            raise ValueError(f"RoPE pairs {self.pairs} must be frequencies 0..{head_dim // 2 - 1} "
+                             f"of a {head_dim}-dim head")
+        self.dim = 2 * len(self.pairs)
+        inv_freq, self.scaling = rope_frequencies(self.rope_parameters, head_dim, max_position_embeddings)
+        self.inv_freq = inv_freq[self.pairs]
+        self.long_inv_freq = None
+        if self.rope_type == "longrope":
+            self.original_max_position_embeddings = self.rope_parameters.get("original_max_position_embeddings",
+                                                                             max_position_embeddings)
+            long, _ = rope_frequencies(self.rope_parameters, head_dim, max_position_embeddings, long=True)
+            self.long_inv_freq = long[self.pairs]
         self._tables = {}
-        self.inv_freq, self.scaling = self._compute()
 
-    def _compute(self):
-        with torch.device("cpu"):
-            theta = float(self.rope_parameters.get("rope_theta", 10000.0))
-            if self.rope_type == "default":
-                inv_freq = 1.0 / (theta ** (torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim))
-                return inv_freq.float(), 1.0
-            from transformers import PretrainedConfig
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            params = dict(self.rope_parameters, rope_type=self.rope_type, rope_theta=theta)
-            shim = PretrainedConfig(rope_parameters=params, head_dim=self.dim, hidden_size=self.dim,
-                                    num_attention_heads=1, max_position_embeddings=self.max_position_embeddings)
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](shim, torch.device("cpu"))
-            return inv_freq.float(), float(scaling)
+    def frequencies(self, position_ids):
+        """inv_freq on position_ids' device; longrope's long set when max(position_ids) + 1 exceeds the original
+        length (one set for the whole call, as transformers picks it)."""
+        dev = position_ids.device
+        if dev not in self._tables:
+            long = None if self.long_inv_freq is None else self.long_inv_freq.to(dev)
+            self._tables[dev] = (self.inv_freq.to(dev), long)
+        short, long = self._tables[dev]
+        if long is None:
+            return short
+        return torch.where(position_ids.max() + 1 > self.original_max_position_embeddings, long, short)
 
     @torch.no_grad()
     def forward(self, position_ids, dtype, scaled: bool = True):
@@ -125,10 +168,16 @@ class Rotary(nn.Module):
         attention factor (YaRN's mscale) unless scaled=False: rotating q and k both then scales every logit by
         its square, as transformers does. MLA rotates only part of each head, so it takes unscaled tables and
         the squared factor as a temperature on the whole logit instead (DeepSeek-V2's softmax_scale * mscale^2)."""
-        dev = position_ids.device
-        if dev not in self._tables:
-            self._tables[dev] = self.inv_freq.to(dev)
-        freqs = position_ids[..., None].float() * self._tables[dev]
+        freqs = position_ids[..., None].float() * self.frequencies(position_ids)
         emb = torch.cat([freqs, freqs], dim=-1)
         factor = self.scaling if scaled else 1.0
         return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
+
+
+def mla_rotary(config) -> Rotary:
+    """The MLA layers' Rotary: config.mla_rope_parameters over the base head (config.head_dim) at the kept pairs
+    config.mla_rope_pairs (an upcycled hybrid), or over the MLA's own qk_rope_head_dim when those are None (a
+    hybrid built from scratch, or saved before mla_rope_pairs existed)."""
+    pairs = getattr(config, "mla_rope_pairs", None)
+    head_dim = config.qk_rope_head_dim if pairs is None else config.head_dim
+    return Rotary(head_dim, config.mla_rope_parameters, config.max_position_embeddings, pairs=pairs)
