@@ -1,7 +1,8 @@
 """Long-context inference on one GPU: TTFT, TPOT and peak memory from 8K to 2M tokens.
 
 Models (random bf16 weights: speed and memory only):
-  llama3.2-1b/4MLA12GDN, llama3.2-1b/4MLA12M2, llama3.2-3b/6MLA22M2   HyloForCausalLM, kernel_backend auto
+  llama3.2-1b/4MLA12GDN, llama3.2-1b/4MLA12M2, llama3.2-3b/6MLA22M2, llama3.2-3b/14MLA14GDN
+                      HyloForCausalLM, kernel_backend auto
   llama-1b-baseline   transformers LlamaForCausalLM with Llama-3.2-1B shapes, SDPA, DynamicCache
 Hybrids: hylo_lab.inference: chunked prefill (--chunk tokens) into a preallocated cache, first token, then
 `--eager-steps` eager static decode steps (TPOT eager = median) and `--graph-steps` replays of the decode step
@@ -14,7 +15,10 @@ measured here ((read + write bytes) / time of a 2 GiB copy). ratio = TPOT / floo
 
 Order of work is a priority list (1B GDN up to 512K, the baseline, the other hybrids, then 1M / 2M); a config
 is skipped when its predicted time (previous length's time scaled quadratically) exceeds the --budget-s left.
-The baseline is not run past its first out-of-memory length. --resume keeps rows already in OUT's JSON.
+The baseline is not run past its first out-of-memory length. Lengths are resumable: each row is written to
+OUT's JSON as it finishes and a later call keeps the ok / oom rows already there (--fresh starts over), so
+lengths beyond one 10-minute call are measured over several calls (--models / --lengths pick the work).
+MLA decode uses ops.mla_decode's Triton split-K kernel on CUDA (--decode-backend torch: the PyTorch reference).
 
     PYTHONPATH=. python benchmarks/long_context.py --out benchmarks/results --budget-s 420     # H100
     PYTHONPATH=. python benchmarks/long_context.py --smoke --out /tmp/lc                      # tiny, CPU
@@ -43,7 +47,7 @@ from hylo_lab.inference import GraphDecoder, allocate_cache, chunked_prefill, de
 from hylo_lab.model import HyloForCausalLM  # noqa: E402
 
 K = 1024
-HYBRIDS = ("llama3.2-1b/4MLA12GDN", "llama3.2-1b/4MLA12M2", "llama3.2-3b/6MLA22M2")
+HYBRIDS = ("llama3.2-1b/4MLA12GDN", "llama3.2-1b/4MLA12M2", "llama3.2-3b/6MLA22M2", "llama3.2-3b/14MLA14GDN")
 BASELINE = "llama-1b-baseline"
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
@@ -60,9 +64,10 @@ FULL_PLAN = [
     (HYBRIDS[0], [1024 * K]),
     (HYBRIDS[1], [1024 * K, 2048 * K]),
     (HYBRIDS[2], [1024 * K, 2048 * K]),
+    (HYBRIDS[3], [8 * K, 32 * K, 128 * K, 512 * K, 1024 * K, 2048 * K]),
     (BASELINE, [1024 * K]),
 ]
-SMOKE_PLAN = [(HYBRIDS[0], [40, 72]), (HYBRIDS[1], [40]), (BASELINE, [40, 72])]
+SMOKE_PLAN = [(HYBRIDS[0], [40, 72]), (HYBRIDS[1], [40]), (HYBRIDS[3], [40]), (BASELINE, [40, 72])]
 GiB = 2 ** 30
 
 
@@ -77,7 +82,7 @@ def smoke_hybrid(name):
                       v_head_dim=16, gdn_num_heads=2, gdn_head_dim=16, chunk_size=16, max_position_embeddings=512)
 
 
-def build(name, smoke, device, dtype):
+def build(name, smoke, device, dtype, decode_backend="auto"):
     """Random weights, initialised in float32 on `device` (RoPE tables and inits never see bf16), then cast."""
     with torch.device(device):
         if name == BASELINE:
@@ -92,7 +97,11 @@ def build(name, smoke, device, dtype):
         else:
             cfg = smoke_hybrid(name) if smoke else HyloConfig.from_preset(name, kernel_backend="auto")
             model = HyloForCausalLM(cfg)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    for m in model.modules():
+        if hasattr(m, "kv_lora_rank"):
+            m.decode_backend = decode_backend
+    return model
 
 
 def sync(device):
@@ -231,12 +240,13 @@ class Bench:
         self.start = time.perf_counter()
         self.rows = []
         path = self.out / "long_context.json"
-        if args.resume and path.exists():
+        if not args.fresh and path.exists():
             old = json.loads(path.read_text())
             self.rows = old.get("rows", [])  # ok / oom rows are kept; skipped / error ones are tried again
         self.meta = dict(device=torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor() or "cpu",
                          torch=torch.__version__, dtype=str(self.dtype), chunk=args.chunk, smoke=args.smoke,
-                         eager_steps=args.eager_steps, graph_steps=args.graph_steps)
+                         eager_steps=args.eager_steps, graph_steps=args.graph_steps,
+                         decode_backend=args.decode_backend)
         try:
             import transformers
             self.meta["transformers"] = transformers.__version__
@@ -267,6 +277,8 @@ class Bench:
         plan = SMOKE_PLAN if self.args.smoke else FULL_PLAN
         if self.args.models:
             plan = [(m, ls) for m, ls in plan if m in self.args.models]
+        if self.args.lengths:
+            plan = [(m, [L for L in ls if L in self.args.lengths]) for m, ls in plan]
         gen = torch.Generator().manual_seed(0)
         model_name, model = None, None
         for name, lengths in plan:
@@ -283,9 +295,10 @@ class Bench:
                 if model_name != name:
                     model = None
                     free(self.device)
-                    model, model_name = build(name, self.args.smoke, self.device, self.dtype), name
+                    model, model_name = build(name, self.args.smoke, self.device, self.dtype,
+                                              self.args.decode_backend), name
                     self.warmup(name, model)
-                row = dict(model=name, length=L, status="ok")
+                row = dict(model=name, length=L, status="ok", decode_backend=self.args.decode_backend)
                 try:
                     fn = run_baseline if name == BASELINE else run_hybrid
                     row.update(fn(model, L, self.args, self.device, gen))
@@ -411,7 +424,12 @@ if __name__ == "__main__":
     p.add_argument("--eager-steps", type=int, default=4)
     p.add_argument("--graph-steps", type=int, default=32)
     p.add_argument("--models", nargs="*", help="subset of the models")
-    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/long_context.json")
+    p.add_argument("--resume", action="store_true", help="(the default) keep the rows already in OUT/long_context.json")
+    p.add_argument("--fresh", action="store_true", help="ignore OUT/long_context.json and start over")
+    p.add_argument("--lengths", nargs="*", type=lambda s: int(s[:-1]) * (K if s[-1] in "kK" else K * K)
+                   if s[-1] in "kKmM" else int(s), help="only these lengths (8K, 512K, 2M or plain tokens)")
+    p.add_argument("--decode-backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="MLA decode: the Triton split-K kernel where it can run (auto), or the PyTorch reference")
     a = p.parse_args()
     if a.smoke:
         a.chunk, a.eager_steps = min(a.chunk, 32), min(a.eager_steps, 2)

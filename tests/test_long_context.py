@@ -124,3 +124,23 @@ def test_benchmark_smoke_modes_run(tmp_path):
     assert rows and all(r.get("pass") for r in rows), [r for r in rows if not r.get("pass")]
     rows = json.loads((tmp_path / "long_context.json").read_text())["rows"]
     assert {r["status"] for r in rows} == {"ok"} and (tmp_path / "long_context.png").exists()
+
+
+def test_long_context_benchmark_resumes_per_length(tmp_path):
+    """A second call keeps the lengths the first one measured (same row, same numbers) and adds the new ones."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+
+    def call(*lengths):
+        cmd = [sys.executable, str(root / "benchmarks" / "long_context.py"), "--smoke", "--out", str(tmp_path),
+               "--models", "llama3.2-3b/14MLA14GDN", "llama3.2-1b/4MLA12GDN", "--lengths", *lengths]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        return {(r["model"], r["length"]): r for r in json.loads((tmp_path / "long_context.json").read_text())["rows"]}
+
+    first = call("40")
+    assert set(first) == {("llama3.2-1b/4MLA12GDN", 40), ("llama3.2-3b/14MLA14GDN", 40)}
+    second = call("40", "72")
+    assert ("llama3.2-1b/4MLA12GDN", 72) in second
+    for key, row in first.items():
+        assert second[key]["ttft_s"] == row["ttft_s"]  # kept, not measured again
