@@ -8,10 +8,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from hylo_lab.distill import losses
 from hylo_lab.distill.losses import (
     chunked_kl_div,
     cross_entropy,
     fused_kl_available,
+    fused_linear_cross_entropy,
+    fused_linear_kd,
     hidden_state_kl_div,
     ild_loss,
     kd_loss,
@@ -212,6 +215,76 @@ def test_chunked_kl_holds_one_chunk_of_logits():
     hs, ht, ws, wt = heads(B=2, T=32, Ds=8, Dt=8, V=256, dtype=torch.float32)
     with LargestTensor() as seen:
         chunked_kl_div(hs, ht, ws, wt, chunk_size=8).backward()
+    assert seen.numel == 8 * 256
+
+
+# --- fused linear KD (KL + CE in one pass, gradients made in forward) == plain --------------------------
+
+
+def labels_for(B=2, T=7, V=11, seed=1):
+    y = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    y[0, -1] = y[1, 3] = -100
+    return y
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.7, 0.3)], ids=["kl", "ce", "kl+ce"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("block_rows", [3, 100], ids=["blocks_of_3", "one_block"])
+def test_fused_linear_kd_equals_plain_values_and_gradients(monkeypatch, direction, weights, masked, block_rows):
+    monkeypatch.setattr(losses, "FUSED_BLOCK_ELEMENTS", block_rows * 11)  # V = 11: blocks of 3 rows split 14
+    hs, ht, ws, wt = heads()
+    bs = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    y, mask = labels_for(), some_mask() if masked else None
+    kl_w, ce_w = weights
+    kw = dict(direction=direction, temperature=1.6, mask=mask)
+    zs = hs @ ws.T + bs
+    ref_kl = kl_div(zs, ht @ wt.T, **kw)
+    ref_ce = cross_entropy(zs, y)
+    ref = kl_w * ref_kl + ce_w * ref_ce
+    total, parts = fused_linear_kd(hs, ws, ht, wt, y, kl_weight=kl_w, ce_weight=ce_w, chunk_size=5,
+                                   student_head_bias=bs, **kw)
+    assert total.dtype == torch.float64 and set(parts) == {n for n, w in (("kl", kl_w), ("ce", ce_w)) if w}
+    torch.testing.assert_close(total, ref, rtol=0, atol=1e-12)
+    if kl_w:
+        torch.testing.assert_close(parts["kl"], ref_kl, rtol=0, atol=1e-12)
+    if ce_w:
+        torch.testing.assert_close(parts["ce"], ref_ce, rtol=0, atol=1e-12)
+    for g, r in zip(torch.autograd.grad(3 * total, (hs, ws, bs)), torch.autograd.grad(3 * ref, (hs, ws, bs))):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+def test_fused_cross_entropy_with_softcapping_equals_plain():
+    hs, _, ws, _ = heads()
+    y, cap = labels_for(), 2.0
+    ref = cross_entropy(cap * torch.tanh((hs @ ws.T) / cap), y)
+    got = fused_linear_cross_entropy(hs, ws, y, chunk_size=4, final_logit_softcapping=cap)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    for g, r in zip(torch.autograd.grad(got, (hs, ws)), torch.autograd.grad(ref, (hs, ws))):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+def test_fused_linear_kd_float32_close_to_float64_and_frozen_head():
+    """float32 inputs: within 1e-5 of the float64 loss; a frozen head gets no gradient and none is made."""
+    hs, ht, ws, wt = heads(T=33, V=50)
+    y = torch.randint(0, 50, (2, 33), generator=torch.Generator().manual_seed(0))
+    ref, _ = fused_linear_kd(hs, ws, ht, wt, y, ce_weight=0.5)
+    f32 = [t.detach().float() for t in (hs, ht, ws, wt)]
+    f32[0].requires_grad_()
+    got, _ = fused_linear_kd(f32[0], f32[2], f32[1], f32[3], y, ce_weight=0.5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=0)
+    got.backward()
+    assert f32[0].grad is not None and f32[2].grad is None
+
+
+def test_fused_linear_kd_holds_one_block_of_logits(monkeypatch):
+    monkeypatch.setattr(losses, "FUSED_BLOCK_ELEMENTS", 8 * 256)
+    hs, ht, ws, wt = heads(B=2, T=32, Ds=2, Dt=2, V=256, dtype=torch.float32)  # head 512 < block 2048 < T x V
+    y = torch.randint(0, 256, (2, 32))
+    with LargestTensor() as seen:
+        total, _ = fused_linear_kd(hs, ws, ht, wt, y, ce_weight=1.0, chunk_size=4096)
+        total.backward()
     assert seen.numel == 8 * 256
 
 

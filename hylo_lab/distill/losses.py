@@ -15,7 +15,8 @@ Every KL variant follows the same conventions, so they agree in value and in gra
 
 Memory at long context (T x V logits are the problem, method.md section 5):
 - kl_div: holds both models' full logits.
-- chunked_kl_div: token chunks of `chunk_size` x V, each recomputed in backward (checkpoint).
+- chunked_kl_div / fused_linear_kd: blocks of <= chunk_size tokens x V, loss and gradients in one pass
+  (KL and CE together; the fastest; ~3 GiB at V = 128256).
 - hidden_state_kl_div: tiles of token_chunk x vocab_chunk, hand-written backward; never T x V.
 """
 
@@ -27,7 +28,6 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 DIRECTIONS = ("forward", "reverse")
 BACKENDS = ("auto", "torch", "fla")
@@ -97,41 +97,194 @@ def chunked_kl_div(student_hidden: Tensor, teacher_hidden: Tensor, student_head_
                    temperature: float = 1.0, mask: Tensor | None = None,
                    student_head_bias: Tensor | None = None, teacher_head_bias: Tensor | None = None,
                    final_logit_softcapping: float | None = None) -> Tensor:
-    """kl_div(h_s W_s^T + b_s, h_t W_t^T + b_t) computed over token chunks of `chunk_size` x V.
+    """kl_div(h_s W_s^T + b_s, h_t W_t^T + b_t) over token chunks: fused_linear_kd with the KL term alone.
 
     student_hidden [..., Ds], teacher_hidden [..., Dt] (final, normed hidden states), head weights
-    [V, Ds] and [V, Dt], optional biases [V]; mask [...]. Each chunk's logits live only inside a
-    checkpointed function, so backward recomputes them chunk by chunk: peak memory ~ 8 float32
-    chunk_size x V tensors (17 GiB at 4096 x 128256) plus a float32 copy of each bf16 head weight.
-    Plain float32 matmuls: 6x slower than hidden_state_kl_div in bf16 unless TF32 is allowed.
-    final_logit_softcapping c (Gemma-style): z <- c * tanh(z / c) on both models before temperature.
+    [V, Ds] and [V, Dt], optional biases [V]; mask [...]. final_logit_softcapping c (Gemma-style):
+    z <- c * tanh(z / c) on both models before temperature. Memory and speed: see fused_linear_kd.
     """
-    _check_kl_args(direction, temperature)
+    total, _ = fused_linear_kd(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight,
+                               chunk_size=chunk_size, direction=direction, temperature=temperature, mask=mask,
+                               student_head_bias=student_head_bias, teacher_head_bias=teacher_head_bias,
+                               final_logit_softcapping=final_logit_softcapping)
+    return total
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_size: int = 4096,
+                               ignore_index: int = -100, bias: Tensor | None = None,
+                               final_logit_softcapping: float | None = None) -> Tensor:
+    """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits: fused_linear_kd, CE alone.
+
+    hidden [..., D], weight [V, D], labels [...] aligned with hidden (the caller shifts).
+    """
+    total, _ = fused_linear_kd(hidden, weight, labels=labels, kl_weight=0.0, ce_weight=1.0, chunk_size=chunk_size,
+                               ignore_index=ignore_index, student_head_bias=bias,
+                               final_logit_softcapping=final_logit_softcapping)
+    return total
+
+
+# rows of one [rows, V] float32 block: 2**27 elements = 0.5 GiB (1046 tokens at V = 128256)
+FUSED_BLOCK_ELEMENTS = 2**27
+
+
+def fused_linear_kd(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor | None = None,
+                    teacher_head_weight: Tensor | None = None, labels: Tensor | None = None, *,
+                    kl_weight: float = 1.0, ce_weight: float = 0.0, direction: str = "forward",
+                    temperature: float = 1.0, mask: Tensor | None = None, chunk_size: int = 4096,
+                    ignore_index: int = -100, student_head_bias: Tensor | None = None,
+                    teacher_head_bias: Tensor | None = None,
+                    final_logit_softcapping: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """kl_weight * kl_div(z_s, z_t) + ce_weight * cross_entropy(z_s, labels), z = h W^T + b, logit-free.
+
+    One pass over blocks of at most chunk_size tokens (and FUSED_BLOCK_ELEMENTS / V): each block's logits
+    of both models are made once, the loss and its gradients w.r.t. the student's hidden states, head
+    weight and bias are computed at once (grad of the KL: (p_s - p_t) / T forward, p_s (log p_s - log p_t
+    - KL) / T reverse; of the CE: p_s - onehot(label)) and kept; backward only scales them. So 4 products
+    per block (2 logits, 2 gradients), not the 6 of recompute-in-backward, and nothing T x V is held:
+    peak ~ 5 float32 blocks of rows x V plus float32 grads of hidden states [T, Ds] and head [V, Ds].
+    The KL is the mean over tokens where mask != 0, the CE over labels != ignore_index (kd_loss's
+    conventions); either term is skipped at weight 0. bf16 inputs on CUDA multiply on tensor cores with
+    float32 accumulation; the gradient products take the block's dz rounded to the input dtype.
+    Returns (total, parts) with parts {"kl", "ce"} detached, as kd_loss.
+    """
+    if kl_weight:
+        _check_kl_args(direction, temperature)
+        if teacher_hidden is None or teacher_head_weight is None:
+            raise ValueError("kl_weight > 0 needs teacher_hidden and teacher_head_weight")
+        if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+            raise ValueError(f"token shapes differ: student {tuple(student_hidden.shape)}, "
+                             f"teacher {tuple(teacher_hidden.shape)}")
+        if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
+            raise ValueError(f"vocabularies differ: {student_head_weight.shape[0]} vs {teacher_head_weight.shape[0]}")
+    if ce_weight and labels is None:
+        raise ValueError("ce_weight > 0 needs labels")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    hs, ht = _valid_rows(student_hidden, teacher_hidden, mask)
+    lead = student_hidden.shape[:-1]
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n = hs.shape[0]
+    ht = wt = bt = kl_rows = y = None
+    if kl_weight:
+        ht = teacher_hidden.detach().reshape(n, -1)
+        wt = teacher_head_weight.detach()
+        bt = None if teacher_head_bias is None else teacher_head_bias.detach()
+        if mask is not None:
+            if mask.shape != lead:
+                raise ValueError(f"mask shape {tuple(mask.shape)} != token shape {tuple(lead)}")
+            kl_rows = (mask.reshape(-1) != 0)
+    if ce_weight:
+        if labels.shape != lead:
+            raise ValueError(f"hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} are not aligned")
+        y = labels.reshape(-1)
     dtype = _compute_dtype(student_hidden, teacher_hidden, student_head_weight, teacher_head_weight)
-    ws = student_head_weight.to(dtype)
-    wt = teacher_head_weight.detach().to(dtype)
-    bs = None if student_head_bias is None else student_head_bias.to(dtype)
-    bt = None if teacher_head_bias is None else teacher_head_bias.detach().to(dtype)
-    reverse = direction == "reverse"
+    rows = max(1, min(chunk_size, FUSED_BLOCK_ELEMENTS // student_head_weight.shape[0]))
+    opts = (float(kl_weight), float(ce_weight), direction == "reverse", float(temperature), rows,
+            final_logit_softcapping or None, ignore_index, dtype)
+    total, kl, ce = _FusedLinearKD.apply(hs, student_head_weight, student_head_bias, ht, wt, bt, kl_rows, y, opts)
+    parts = {}
+    if kl_weight:
+        parts["kl"] = kl
+    if ce_weight:
+        parts["ce"] = ce
+    return total, parts
 
-    def chunk_sum(hs_c, ht_c, ws, bs):
-        zs = F.linear(hs_c.to(dtype), ws, bs)
-        zt = F.linear(ht_c.to(dtype), wt, bt)
-        if final_logit_softcapping:
-            zs = final_logit_softcapping * torch.tanh(zs / final_logit_softcapping)
-            zt = final_logit_softcapping * torch.tanh(zt / final_logit_softcapping)
-        return _token_kl(zs, zt, reverse, temperature).sum()
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hs, ws, bs))
-    total = torch.zeros((), dtype=dtype, device=hs.device)
-    for i in range(0, hs.shape[0], chunk_size):
-        args = (hs[i:i + chunk_size], ht[i:i + chunk_size], ws, bs)
-        total = total + (checkpoint(chunk_sum, *args, use_reentrant=False) if needs_grad else chunk_sum(*args))
-    return total * (temperature**2 / max(hs.shape[0], 1))
+class _FusedLinearKD(torch.autograd.Function):
+    """Loss and gradients in one forward (the loss is a scalar, so backward only scales the kept gradients)."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, kl_rows, y, opts):
+        kl_weight, ce_weight, reverse, temp, rows, cap, ignore_index, dtype = opts
+        n, dev = hs.shape[0], hs.device
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        want = want_h or want_w or want_b
+        dz_dtype = hs.dtype if _fast_half(hs, ws, dtype) else dtype
+        dhs = torch.zeros(hs.shape, dtype=dtype, device=dev) if want_h else None
+        dws = torch.zeros(ws.shape, dtype=dtype, device=dev) if want_w else None
+        dbs = torch.zeros(ws.shape[0], dtype=dtype, device=dev) if want_b else None
+        kl_sum = torch.zeros((), dtype=dtype, device=dev)
+        ce_sum = torch.zeros((), dtype=dtype, device=dev)
+        n_kl = (kl_rows.sum() if kl_rows is not None else torch.tensor(n, device=dev)).clamp_min(1).to(dtype)
+        n_ce = (y != ignore_index).sum().clamp_min(1).to(dtype) if ce_weight else None
+
+        def logits(h, w, b):
+            z = _mm(h, w.T, dtype)
+            if b is not None:
+                z += b.to(dtype)
+            if cap:
+                t = torch.tanh(z / cap)
+                return t.mul(cap), t
+            return z, None
+
+        for i0 in range(0, n, rows):
+            i1 = min(i0 + rows, n)
+            zs, ts = logits(hs[i0:i1], ws, bs)
+            dz = None
+            if kl_weight:
+                zt, _ = logits(ht[i0:i1], wt, bt)
+                ls = torch.log_softmax(zs / temp if temp != 1 else zs, dim=-1)
+                lt = torch.log_softmax(zt.div_(temp) if temp != 1 else zt, dim=-1)
+                del zt
+                valid = None if kl_rows is None else kl_rows[i0:i1].to(dtype)
+                if reverse:
+                    ps = ls.exp()
+                    diff = ls.sub_(lt)  # log p_s - log p_t
+                    del lt, ls
+                    tok = (ps * diff).sum(-1)
+                    if want:
+                        dz = ps.mul_(diff.sub_(tok[:, None]))
+                    del diff
+                else:
+                    pt = lt.exp()
+                    tok = (pt * (lt - ls)).sum(-1)
+                    del lt
+                    if want:
+                        dz = ls.exp_().sub_(pt)
+                    del pt, ls
+                if valid is not None:
+                    tok = tok * valid
+                kl_sum += tok.sum()
+                if dz is not None:
+                    coef = kl_weight * temp / n_kl  # d(T^2 KL / n) / dz_s = T (.) / n
+                    dz = dz.mul_(coef if valid is None else coef * valid[:, None])
+            if ce_weight:
+                yc = y[i0:i1]
+                ok = yc != ignore_index
+                lse = torch.logsumexp(zs, dim=-1)
+                picked = zs.gather(1, yc.clamp_min(0)[:, None])[:, 0]
+                ce_sum += ((lse - picked) * ok).sum()
+                if want:
+                    dce = torch.exp(zs - lse[:, None]).mul_((ce_weight / n_ce) * ok.to(dtype)[:, None])
+                    dce.scatter_add_(1, yc.clamp_min(0)[:, None], -(ce_weight / n_ce) * ok.to(dtype)[:, None])
+                    dz = dce if dz is None else dz.add_(dce)
+                    del dce
+            del zs
+            if dz is None:
+                continue
+            if ts is not None:
+                dz = dz.mul_(1 - ts.square())
+            if want_b:
+                dbs += dz.sum(0)
+            dz = dz.to(dz_dtype)
+            if want_h:
+                dhs[i0:i1] = _mm(dz, ws, dtype)
+            if want_w:
+                dws += _mm(dz.T, hs[i0:i1], dtype)
+        kl = kl_sum * (temp**2) / n_kl
+        ce = ce_sum / n_ce if ce_weight else torch.zeros((), dtype=dtype, device=dev)
+        total = (kl_weight * kl if kl_weight else 0) + (ce_weight * ce if ce_weight else 0)
+        total = torch.as_tensor(total, dtype=dtype, device=dev)
+        ctx.save_for_backward(dhs, dws, dbs)
+        ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        ctx.mark_non_differentiable(kl, ce)
+        return total, kl, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _kl, _ce):
+        dhs, dws, dbs = ctx.saved_tensors
+        out = [None if d is None else (d * grad.to(d.dtype)).to(dt) for d, dt in zip((dhs, dws, dbs), ctx.dtypes)]
+        return (*out, None, None, None, None, None, None)
 
 
 def _online_step(m: Tensor, s: Tensor, z: Tensor):
