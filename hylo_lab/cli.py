@@ -129,9 +129,18 @@ def cmd_compare(args):
 
 def cmd_distill(args):
     """Run a distillation recipe: stage 1 Enhanced-ILD, assembly, stage-2 KD stages (hylo_lab.distill)."""
-    from hylo_lab.distill.stages import RecipeError, load_recipe
-    from hylo_lab.distill.trainer import NonFiniteLoss, run_recipe
+    import shlex
 
+    from hylo_lab.distill.stages import load_recipe
+    from hylo_lab.distill.trainer import Distiller, NonFiniteLoss, run_recipe
+    from hylo_lab.errors import UserError
+
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise UserError("--output-dir is empty; give a folder, or leave it out to use the recipe's output_dir")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps {args.max_steps}: give a number of optimizer steps >= 1")
+    if args.allow_recipe_change and not args.resume:
+        raise UserError("--allow-recipe-change applies to --resume only")
     try:
         recipe = load_recipe(args.recipe)
         if args.output_dir:
@@ -139,20 +148,27 @@ def cmd_distill(args):
         if args.no_mlflow:
             recipe.tracking.enabled = False
         if args.check:
-            from hylo_lab.distill.trainer import Distiller
-
-            Distiller(recipe, resume=args.resume).setup()
+            Distiller(recipe, resume=args.resume, allow_recipe_change=args.allow_recipe_change).setup()
             print(f"recipe {args.recipe} is valid: " + ", ".join(
                 f"{st.name} ({st.kind}, {st.seq_len} tokens, {st.num_steps(recipe.stage_batch(st)[0])} steps)"
                 for st in recipe.stages))
             return
-        summary = run_recipe(recipe, resume=args.resume, max_steps=args.max_steps)
-    except (RecipeError, NonFiniteLoss) as exc:
+        summary = run_recipe(recipe, resume=args.resume, max_steps=args.max_steps,
+                             allow_recipe_change=args.allow_recipe_change)
+    except (NonFiniteLoss, OSError) as exc:
         sys.exit(f"hylo-lab distill: {exc}")
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only rank 0 reports
         return
+    for run, info in summary["runs"].items():
+        if info.get("diverged"):
+            d = info["diverged"]
+            print(f"warning: {run} diverged (held-out KL {d['best_kl']:.4g} at step {d['best_step']} -> "
+                  f"{d['final_kl']:.4g} at the end); its best weights are in {d['best_dir']}", file=sys.stderr)
     if summary["stopped_early"]:
-        print(f"stopped after --max-steps {args.max_steps}; continue with: hylo-lab distill {args.recipe} --resume")
+        again = ["hylo-lab", "distill", args.recipe, "--resume"]
+        again += ["--output-dir", args.output_dir] if args.output_dir else []
+        again += ["--no-mlflow"] if args.no_mlflow else []
+        print(f"stopped after --max-steps {args.max_steps}; continue with: {shlex.join(again)}")
     else:
         print(f"final model: {summary['final_model']}")
 
@@ -244,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from its newest checkpoint (model, optimizer, data position, RNG)")
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N optimizer steps in this invocation (all stages together), with a checkpoint")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="with --resume: continue although the recipe differs from the run's recorded one (the "
+                        "change is appended to recipe_changes.yaml)")
     p.add_argument("--output-dir", help="override the recipe's output_dir")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--check", action="store_true",

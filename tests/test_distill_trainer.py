@@ -307,8 +307,9 @@ def test_cli_check_then_a_stopped_run(world, tmp_path, capsys):
     assert "continue with: hylo-lab distill" in capsys.readouterr().out
     main(["distill", str(path), "--resume"])
     assert "final model:" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(SystemExit) as info:
         main(["distill", str(path)])
+    assert info.value.code == 2 and "already holds a run" in capsys.readouterr().err
 
 
 def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):

@@ -48,6 +48,9 @@ KL_IMPLS = ("full", "chunked", "hidden")
 PRECISIONS = ("auto", "bf16", "fp32")
 TEACHER_DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+BASE_SHAPE_KEYS = ("base_model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
+                   "tie_word_embeddings", "attention_bias", "attention_qk_norm", "mlp_bias", "rope_parameters")
 
 
 class RecipeError(UserError):
@@ -231,6 +234,13 @@ def _build(cls, raw, where: str, errors: list[str], **fixed):
     if not ok:
         return None
     raw = {k: _coerce(cls, k, v) for k, v in raw.items()}
+    for key, value in raw.items():
+        problem = _type_problem(cls.__dataclass_fields__[key].type, value)
+        if problem:
+            errors.append(f"{where}.{key}: {problem}")
+            ok = False
+    if not ok:
+        return None
     try:
         return cls(**{**raw, **fixed})
     except (TypeError, ValueError) as exc:
@@ -248,6 +258,31 @@ def _coerce(cls, key, value):
             return value
         return int(number) if "int" in kind and "float" not in kind and number == int(number) else number
     return value
+
+
+_TYPE_CHECKS = {"bool": (lambda v: isinstance(v, bool), "true or false"),
+                "int": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "an integer"),
+                "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+                "str": (lambda v: isinstance(v, str), "a string"),
+                "list": (lambda v: isinstance(v, (list, tuple)), "a list"),
+                "dict": (lambda v: isinstance(v, dict), "a mapping"),
+                "None": (lambda v: v is None, "null")}
+
+
+def _type_problem(annotation, value) -> str | None:
+    """What is wrong with `value` for a field annotated `annotation` ("bool", "int | None", ...), or None.
+    Annotations naming other types (nested specs) are checked where those are built."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    alternatives = [a.strip().split("[")[0] for a in text.replace("typing.", "").split("|")]
+    if not all(a in _TYPE_CHECKS for a in alternatives):
+        return None
+    if any(_TYPE_CHECKS[a][0](value) for a in alternatives):
+        return None
+    wanted = " or ".join(_TYPE_CHECKS[a][1] for a in alternatives)
+    got = f"the string {value!r}" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+    hint = " (write it without quotes)" if isinstance(value, str) and "bool" in alternatives and value.lower() in (
+        "true", "false", "yes", "no", "on", "off") else ""
+    return f"expected {wanted}, got {got}{hint}"
 
 
 def _sources(raw, where: str, errors: list[str]) -> list[SourceSpec]:
@@ -436,6 +471,11 @@ def validate(r: Recipe) -> list[str]:
                               + (f" (did you mean {close[0]!r}?)" if close else ""))
             elif key in ("layout", "mixers", "mla_layers"):
                 errors.append(f"student.upcycle: set {key!r} on `student`, not inside `upcycle`")
+            elif key in ("dtype", "seed"):
+                errors.append(f"student.upcycle: {key!r} is set by the trainer (float32 students, the recipe's "
+                              f"seed); remove it")
+            elif key in BASE_SHAPE_KEYS:
+                errors.append(f"student.upcycle: {key!r} comes from the base's config.json and cannot be changed")
 
     # train
     _check_number(errors, "train.batch_size", t.batch_size, kind=int, low=1)

@@ -15,8 +15,15 @@ Outputs, under output_dir: recipe.yaml (as resolved), <stage>/[<student>/]checkp
 (accelerate state + trainer_state.json, written to a .tmp folder and renamed, so a kill never leaves a
 half-written checkpoint), <stage>/[<student>/]final/ (save_pretrained + tokenizer + done.json),
 summary.json. `resume=True` skips finished runs and continues an interrupted one from its newest
-checkpoint: model, optimizer, data position, RNG and step (the schedule is a function of the step), so
-the result equals an uninterrupted run's.
+readable checkpoint (an unreadable one is moved aside to step-NNNNNNNN.unreadable and the one before it
+used): model, optimizer, data position, RNG and step (the schedule is a function of the step), so the
+result equals an uninterrupted run's. A resume refuses a recipe that differs from the recorded one in
+anything that shapes the weights unless `allow_recipe_change`; recipe.yaml is written once, when the run
+starts, and each allowed change is appended to recipe_changes.yaml. While a process trains, output_dir
+holds `.lock` (its pid and host); a second process is refused, a lock whose process is gone is taken over.
+Divergence: when a held-out KL exceeds DIVERGED x the best one so far, a warning is logged; the weights of
+the best evaluation are kept in <run>/best/ (saved at each new best, removed when the run ends within
+DIVERGED x of its best) and the summary names them.
 
 Batches: `batch_size` rows per optimizer step for all processes together, `micro_batch_size` rows per
 forward per process, gradient accumulation = batch_size / (micro_batch_size x processes). Every process
@@ -33,7 +40,9 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +54,16 @@ from ..data.packing import PackedStream, check_fills_row, heldout_rows
 from ..data.sources import open_source
 from .ild import TeacherForcedStudent, teacher_states
 from .kd import KDStudent, apply_yarn, check_shared_tokenizer, teacher_kd_targets
+from ..errors import UserError
 from .stages import Recipe, RecipeError, StageSpec, expand, load_recipe, recipe_from_dict
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+DIVERGED = 10.0  # a held-out KL above this multiple of the run's best so far is reported as divergence
+LOCK = ".lock"
+# Recipe fields that never change what the weights become: a resume may change them freely.
+BOOKKEEPING = ("name", "output_dir", "source_file", "tracking", "toy_world.root", "train.progress",
+               "train.log_every", "train.device", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.eval_every")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -89,6 +105,121 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def write_atomic(path: Path, text: str):
+    """Write beside `path`, then rename over it: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_writable(out: Path):
+    """output_dir is (or can become) a folder this process can write in; nothing is created."""
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RecipeError(f"output_dir {str(out)!r} cannot be created: {str(probe)!r} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise RecipeError(f"output_dir {str(out)!r}: cannot write in {str(probe)!r} ({exc.strerror or exc}); "
+                          f"choose a writable folder") from None
+
+
+def _flat(value, prefix="") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()} or {
+            prefix[:-1]: {}}
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return {k: v for i, sub in enumerate(value) for k, v in _flat(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: value}
+
+
+def recipe_changes(recorded: dict, current: dict) -> dict[str, tuple]:
+    """{dotted key: (recorded value, current value)} for every field that differs, bookkeeping fields included
+    ("<absent>" where one side has no such key)."""
+    import yaml
+
+    a, b = _flat(recorded), _flat(yaml.safe_load(yaml.safe_dump(current)))  # tuples -> lists, as recorded
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b), key=_key_order)
+            if a.get(k, "<absent>") != b.get(k, "<absent>")}
+
+
+def _key_order(key: str):
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
+
+
+def shapes_weights(key: str) -> bool:
+    return not any(key == f or key.startswith(f + ".") for f in BOOKKEEPING)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def lock_holder(out: Path) -> dict | None:
+    """The live process holding output_dir's lock (its recorded pid, host, since), or None (no lock, or a stale
+    one: its process is gone, or the file is unreadable)."""
+    path = out / LOCK
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        pid, host = int(info["pid"]), info["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host == socket.gethostname() and not _pid_alive(pid):
+        return None
+    return info
+
+
+def _refuse_locked(out: Path, info: dict):
+    where = "" if info["host"] == socket.gethostname() else f" on host {info['host']}"
+    raise UserError(f"output_dir {str(out)!r} is in use: process {info['pid']}{where} has been training there since "
+                    f"{info.get('since', '?')}; wait for it to finish or choose another output_dir"
+                    + (f" (if it is gone, delete {out / LOCK})" if where else ""))
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, log):
+    """Hold output_dir/.lock while the body runs; a live holder -> UserError, a stale lock is taken over."""
+    path = out / LOCK
+    mine = dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock_holder(out)
+            if holder is not None:
+                _refuse_locked(out, holder)
+            try:
+                old = json.loads(path.read_text())
+                what = f"process {old['pid']} (since {old.get('since', '?')}), which is no longer running"
+            except (OSError, ValueError, KeyError, TypeError):
+                what = "an unreadable lock file"
+            log(f"taking over the stale lock of {what}: {path}")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        break
+    else:
+        raise UserError(f"output_dir {str(out)!r}: could not take its lock {path}; another process keeps taking it")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == mine["pid"]:
+                path.unlink()
+
+
 def _seed_for(seed: int, *parts) -> int:
     """A stable per-run seed (Python's hash() of str is salted per process, so not that)."""
     import zlib
@@ -98,7 +229,8 @@ def _seed_for(seed: int, *parts) -> int:
 
 def finished_result(run: str, final: Path) -> "RunResult":
     info = json.loads((final / "done.json").read_text()) if (final / "done.json").is_file() else {}
-    return RunResult(run, final, steps=info.get("steps", 0), eval_kl=info.get("eval_kl", []))
+    return RunResult(run, final, steps=info.get("steps", 0), eval_kl=info.get("eval_kl", []),
+                     diverged=info.get("diverged"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,13 +244,19 @@ class RunResult:
     steps: int = 0
     eval_kl: list = field(default_factory=list)  # [(step, value)]
     stopped: bool = False
+    diverged: dict | None = None  # {best_step, best_kl, final_kl, best_dir} when the run ended diverged
 
 
 class Distiller:
     """Holds what every training run of one recipe shares: accelerator, tokenizer, data, tracker, budget."""
 
-    def __init__(self, recipe: Recipe, *, resume: bool = False, max_steps: int | None = None, tracker=None):
+    def __init__(self, recipe: Recipe, *, resume: bool = False, max_steps: int | None = None, tracker=None,
+                 allow_recipe_change: bool = False):
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise UserError(f"max_steps={max_steps!r}: give a whole number of optimizer steps >= 1")
         self.recipe, self.resume, self.tracker = recipe, resume, tracker
+        self.allow_recipe_change = allow_recipe_change
+        self.changes: dict[str, tuple] = {}
         self.out = Path(expand(recipe.output_dir))
         self.budget = max_steps  # optimizer steps left in this invocation (None = unlimited)
         self.t = recipe.train
@@ -159,11 +297,17 @@ class Distiller:
                  f"({self.accelerator.distributed_type}), {'bf16 autocast' if self.bf16 else 'float32'}, "
                  f"teacher in {teacher_dtype}")
 
+        check_writable(self.out)
         if self.out.exists() and any(self.out.iterdir()) and not self.resume:
             raise RecipeError(f"output_dir {str(self.out)!r} already holds a run: pass --resume to continue it, or "
                               f"choose another output_dir")
         if self.resume and not self.out.exists():
             self.log(f"--resume: {self.out} does not exist yet, starting a new run")
+        holder = lock_holder(self.out)
+        if holder is not None:
+            _refuse_locked(self.out, holder)
+        if self.resume:
+            self.check_recipe_matches()
         if r.uses_toy():
             from ..data.toy import get_toy_world
 
@@ -185,6 +329,41 @@ class Distiller:
         self.plan_student()
         self.check_data()
 
+    def recorded_recipe(self) -> tuple[dict | None, str]:
+        """The recipe the run's weights came from: recipe.yaml, or the last allowed change after it."""
+        import yaml
+
+        changes, first = self.out / "recipe_changes.yaml", self.out / "recipe.yaml"
+        try:
+            if changes.is_file():
+                entries = yaml.safe_load(changes.read_text()) or []
+                if entries:
+                    return entries[-1]["recipe"], f"{changes} (the last change allowed)"
+            if first.is_file():
+                return yaml.safe_load(first.read_text()), str(first)
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+            raise RecipeError(f"--resume: the run's recorded recipe cannot be read ({exc}); restore it or start a new "
+                              f"output_dir") from exc
+        return None, ""
+
+    def check_recipe_matches(self):
+        """--resume continues the recorded recipe: any change that shapes the weights is refused unless allowed."""
+        recorded, where = self.recorded_recipe()
+        if recorded is None:
+            if self.out.is_dir() and any(self.out.iterdir()):
+                self.log(f"--resume: {self.out} has no recipe.yaml; the recipe cannot be compared with the run's")
+            return
+        self.changes = recipe_changes(recorded, self.recipe.to_dict())
+        weighty = {k: v for k, v in self.changes.items() if shapes_weights(k)}
+        lines = "\n".join(f"  - {k}: {a!r} -> {b!r}" for k, (a, b) in weighty.items())
+        if weighty and not self.allow_recipe_change:
+            raise RecipeError(f"--resume: the recipe differs from the one the run in {str(self.out)!r} was trained with "
+                              f"({where}):\n{lines}\nPass --allow-recipe-change to continue with the new recipe (the "
+                              f"change is recorded in recipe_changes.yaml), revert it, or choose another output_dir")
+        if weighty:
+            self.log(f"--resume: continuing with a changed recipe (--allow-recipe-change), recorded in "
+                     f"recipe_changes.yaml:\n{lines}")
+
     def resolve(self, ref: str) -> str:
         if ref.startswith("toy:"):
             return str(self.world.teacher_dirs[ref[4:]])
@@ -195,7 +374,7 @@ class Distiller:
         """The hybrid's mixers from the base config (no weights): layout errors surface here."""
         from transformers import AutoConfig
 
-        from ..upcycle import plan_mixers
+        from ..upcycle import load_base_config, plan_mixers
 
         s = self.recipe.student
         if s.init is not None:
@@ -204,10 +383,11 @@ class Distiller:
                 raise RecipeError(f"student.init {s.init!r} is a {cfg.model_type} model, not a saved HyLo hybrid")
             self.mixers, self.dims, self.k_smart = list(cfg.mixers), {}, 0
         else:
-            base_config = AutoConfig.from_pretrained(self.base_path)
             try:
+                base_config = load_base_config(self.base_path)
                 self.mixers, self.dims, self.k_smart = plan_mixers(base_config, s.layout, mla_layers=s.mla_layers,
                                                                    select=s.select, preset=s.preset, linear=s.linear)
+                self.check_upcycle(base_config)
             except ValueError as exc:
                 raise RecipeError(f"student: {exc}") from exc
         kinds = set(self.mixers)
@@ -217,6 +397,22 @@ class Distiller:
                 raise RecipeError(f"ild needs a layout of MLA and one linear block type, got {sorted(kinds)}")
         if any(st.yarn is not None for st in self.recipe.stages) and "mla" not in kinds:
             raise RecipeError("a stage sets yarn but the student has no MLA layer")
+
+    def check_upcycle(self, base_config):
+        """The weightless checks of every upcycle() call this recipe makes (the hybrid; with ild stages, the
+        all-MLA and all-linear students), on the base's config: an unsupported base or a bad dim fails here."""
+        import inspect
+
+        from ..upcycle import check_upcycle, upcycle
+
+        s = self.recipe.student
+        extra = set(inspect.signature(upcycle).parameters) - set(inspect.signature(check_upcycle).parameters)
+        kw = {k: v for k, v in dict(self.dims, **s.upcycle).items() if k not in extra}
+        check_upcycle(base_config, s.layout, mla_layers=s.mla_layers, select=s.select, preset=s.preset,
+                      linear=s.linear, **kw)
+        if any(st.kind == "ild" for st in self.recipe.stages):
+            for kind in self.student_kinds():
+                check_upcycle(base_config, [kind] * base_config.num_hidden_layers, **kw)
 
     def check_data(self):
         """Each stage's seq_len can be filled from the training data; held-out rows exist for each length."""
@@ -262,12 +458,36 @@ class Distiller:
     # -- the whole recipe ----------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        r = self.recipe
         if self.accelerator is None:
             self.setup()
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _write_yaml(self.out / "recipe.yaml", r.to_dict())
+        with run_lock(self.out, self.log) if self.main else contextlib.nullcontext():
+            return self._run()
+
+    def record_recipe(self):
+        """recipe.yaml once, when the run starts; an allowed change is appended to recipe_changes.yaml."""
+        import yaml
+
+        r = self.recipe
+        if not (self.out / "recipe.yaml").is_file():
+            write_atomic(self.out / "recipe.yaml", _yaml(r.to_dict()))
+        elif self.changes and any(shapes_weights(k) for k in self.changes):
+            path = self.out / "recipe_changes.yaml"
+            entries = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+            entries.append(dict(since=time.strftime("%Y-%m-%d %H:%M:%S"),
+                                finished_runs=sorted(str(p.parent.parent.relative_to(self.out))
+                                                     for p in self.out.glob("**/final/done.json")),
+                                resumed_from=sorted(str(p.parent.relative_to(self.out)) for p in
+                                                    self.out.glob("**/checkpoints/step-*/trainer_state.json")),
+                                changes={k: dict(old=a, new=b) for k, (a, b) in self.changes.items()},
+                                recipe=yaml.safe_load(_yaml(r.to_dict()))))
+            write_atomic(path, _yaml(entries))
+
+    def _run(self) -> dict:
+        r = self.recipe
+        if self.main:
+            self.record_recipe()
         self.accelerator.wait_for_everyone()
         ild = [st for st in r.stages if st.kind == "ild"]
         kd = [st for st in r.stages if st.kind == "kd"]
@@ -289,9 +509,10 @@ class Distiller:
             current = res.final_dir
         summary = dict(final_model=None if stopped else str(current), stopped_early=stopped, output_dir=str(self.out),
                        runs={k: dict(steps=v.steps, final=str(v.final_dir) if v.final_dir else None,
-                                     eval_kl=v.eval_kl) for k, v in self.results.items()})
+                                     eval_kl=v.eval_kl, **({"diverged": v.diverged} if v.diverged else {}))
+                             for k, v in self.results.items()})
         if self.main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         if self.tracker is not None and self.main:
             self.tracker.log_artifact(self.out / "recipe.yaml", "recipe")
             self.tracker.log_artifact(self.out / "summary.json", "tables")
@@ -356,7 +577,7 @@ class Distiller:
             mixers = ["mla" if i in idx else kinds[1] for i in range(len(mixers))]
             self.log(f"SMART selected MLA layers {idx}")
             if self.main:
-                (self.out / "smart_scores.json").write_text(json.dumps(scores, indent=2))
+                write_atomic(self.out / "smart_scores.json", json.dumps(scores, indent=2))
         if len(kinds) == 1:  # a layout of one block type: the student is the hybrid
             model = self.load_hylo(finals[kinds[0]])
         else:
@@ -450,10 +671,8 @@ class Distiller:
         stream = PackedStream(r.data.train, self.tokenizer, st.seq_len, seed=_seed_for(r.seed, stage_index, "data"),
                               synthetic=self.synthetic_for(st), sources=self.train_sources)
         step, tokens = 0, 0
-        ckpt = latest_checkpoint(run_dir) if self.resume else None
+        ckpt, state = self.restore(run, run_dir) if self.resume else (None, None)
         if ckpt is not None:
-            acc.load_state(str(ckpt))
-            state = json.loads((ckpt / "trainer_state.json").read_text())
             stream.load_state_dict(state["data"])
             step, tokens, result.eval_kl = state["step"], state["tokens"], state.get("eval_kl", [])
             self.log(f"{run}: resumed from {ckpt} at step {step}/{steps}")
@@ -502,13 +721,50 @@ class Distiller:
                 out[f"eval/{prefix}/ild"] = (ild_sum / (n_tok / st.seq_len)).item()
             return out
 
+        best_dir = run_dir / "best"
+
+        def save_best(s: int, value: float):
+            state_dict = acc.get_state_dict(wrapper)
+            if self.main:
+                tmp = run_dir / "best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                acc.unwrap_model(wrapper).student.save_pretrained(
+                    tmp, state_dict={k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")},
+                    safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                (tmp / "best.json").write_text(json.dumps(dict(run=run, step=s, eval_kl=value)))
+                shutil.rmtree(best_dir, ignore_errors=True)
+                os.replace(tmp, best_dir)
+            acc.wait_for_everyone()
+
         def record_eval(s: int):
             metrics = evaluate()
             if metrics:
-                result.eval_kl.append([s, metrics[f"eval/{prefix}/kl"]])
+                value = metrics[f"eval/{prefix}/kl"]
+                earlier = list(result.eval_kl)
+                result.eval_kl.append([s, value])
                 self.log(f"{run}: step {s} held-out " + ", ".join(f"{k.rsplit('/', 1)[1]} {v:.4f}" for k, v in metrics.items()))
                 if self.tracker is not None and self.main:
                     self.tracker.log_metrics(metrics, step=s)
+                best_step, best = min(earlier, key=lambda e: e[1]) if earlier else (None, math.inf)
+                if value < best and s < steps:
+                    save_best(s, value)
+                elif value > DIVERGED * max(best, 1e-3):
+                    self.log(f"{run}: warning: held-out KL {value:.4g} at step {s} is {value / max(best, 1e-12):.0f}x "
+                             f"the best so far ({best:.4g} at step {best_step}): the run is diverging; the best "
+                             f"weights are kept in {best_dir}")
+
+        def diverged() -> dict | None:
+            """At the end: the final held-out KL against the best evaluation whose weights best/ holds."""
+            try:
+                kept = json.loads((best_dir / "best.json").read_text())
+            except (OSError, ValueError):
+                return None
+            final_kl = result.eval_kl[-1][1] if result.eval_kl and result.eval_kl[-1][0] == steps else None
+            if final_kl is None or not final_kl > DIVERGED * max(kept["eval_kl"], 1e-3):
+                return None
+            return dict(best_step=kept["step"], best_kl=kept["eval_kl"], final_kl=final_kl, best_dir=str(best_dir))
 
         def save_checkpoint(s: int):
             ckdir = run_dir / "checkpoints"
@@ -522,6 +778,7 @@ class Distiller:
                 state = dict(step=s, tokens=tokens, steps=steps, run=run, data=stream.state_dict(),
                              eval_kl=result.eval_kl)
                 (tmp / "trainer_state.json").write_text(json.dumps(state))
+                shutil.rmtree(ckdir / f"step-{s:08d}", ignore_errors=True)  # os.replace cannot replace a folder
                 os.replace(tmp, ckdir / f"step-{s:08d}")
                 for old in list_checkpoints(run_dir)[:-t.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -603,8 +860,10 @@ class Distiller:
             bar.close()
         record_eval(steps)
         result.steps = steps
+        result.diverged = diverged()
         info = dict(run=run, stage=st.name, kind=st.kind, steps=steps, tokens=tokens, eval_kl=result.eval_kl,
-                    seconds_this_invocation=time.perf_counter() - t0)
+                    seconds_this_invocation=time.perf_counter() - t0,
+                    **({"diverged": result.diverged} if result.diverged else {}))
         unwrapped = acc.unwrap_model(wrapper).student
         state_dict = acc.get_state_dict(wrapper)
         state_dict = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
@@ -621,11 +880,42 @@ class Distiller:
             (tmp / "done.json").write_text(json.dumps(info, indent=2))
             os.replace(tmp, final)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            if result.diverged is None:
+                shutil.rmtree(best_dir, ignore_errors=True)
         acc.wait_for_everyone()
         acc.free_memory()
         result.final_dir = final
         self.log(f"{run}: done, {steps} steps -> {final}")
+        if result.diverged:
+            d = result.diverged
+            self.log(f"{run}: warning: diverged: held-out KL {d['final_kl']:.4g} at the end vs {d['best_kl']:.4g} at "
+                     f"step {d['best_step']}; {final} holds the last weights, {d['best_dir']} the best ones")
         return result
+
+    def restore(self, run: str, run_dir: Path) -> tuple[Path | None, dict | None]:
+        """Load the newest readable checkpoint into the prepared model and optimizer -> (it, its trainer state).
+        An unreadable one is moved aside (step-N.unreadable) and the one before it tried."""
+        found = list_checkpoints(run_dir)
+        for i, ckpt in enumerate(reversed(found)):
+            try:
+                state = json.loads((ckpt / "trainer_state.json").read_text())
+                self.accelerator.load_state(str(ckpt))
+            except Exception as exc:  # noqa: BLE001 - any unreadable file: torch, json, accelerate
+                bad = ckpt.with_name(ckpt.name + ".unreadable")
+                if self.main:
+                    shutil.rmtree(bad, ignore_errors=True)
+                    os.replace(ckpt, bad)
+                self.accelerator.wait_for_everyone()
+                older = found[len(found) - 2 - i] if i + 1 < len(found) else None
+                self.log(f"{run}: warning: checkpoint {ckpt.name} cannot be read ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); moved to {bad}; "
+                         + (f"falling back to {older.name}" if older else "no older checkpoint is left"))
+                continue
+            return ckpt, state
+        if found:
+            raise UserError(f"{run}: no checkpoint in {run_dir / 'checkpoints'} can be read (moved aside as "
+                            f"*.unreadable); delete that folder to restart this run from its beginning")
+        return None, None
 
     def loss_hook(self, loss, run: str, step: int):
         """Identity; tests replace it to inject a non-finite loss."""
@@ -658,29 +948,31 @@ def _indexed(value):
     return value
 
 
-def _write_yaml(path: Path, data: dict):
+def _yaml(data) -> str:
     import yaml
 
-    path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 
 
-def run_recipe(recipe, *, resume: bool = False, max_steps: int | None = None, tracker=None) -> dict:
+def run_recipe(recipe, *, resume: bool = False, max_steps: int | None = None, tracker=None,
+               allow_recipe_change: bool = False) -> dict:
     """Run a recipe (a Recipe, a dict or a YAML path) end to end; returns the summary (summary.json).
 
     resume: continue the run in output_dir (finished runs are skipped, an interrupted one continues from
     its newest checkpoint). max_steps: stop after this many optimizer steps in this invocation (all runs
     together), writing a checkpoint there, so `--resume` continues exactly. tracker: a tracking.Tracker;
     None = one is made from the recipe's `tracking` section (MLflow failures are reported, not fatal).
+    allow_recipe_change: let a resume continue with a recipe that differs from the recorded one.
     """
     if isinstance(recipe, (str, os.PathLike)):
         recipe = load_recipe(recipe)
     elif isinstance(recipe, dict):
         recipe = recipe_from_dict(recipe)
-    distiller = Distiller(recipe, resume=resume, max_steps=max_steps)
+    distiller = Distiller(recipe, resume=resume, max_steps=max_steps, allow_recipe_change=allow_recipe_change)
     distiller.setup()  # every cheap check, before a tracking run exists or a weight is loaded
     own_tracker = tracker is None
     if own_tracker:
@@ -716,5 +1008,5 @@ def make_tracker(recipe: Recipe, *, resume: bool = False):
     if run_id is None:
         tracker.log_params(_indexed(recipe.to_dict()))
         out.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(json.dumps(dict(run_id=tracker.run_id, tracking_uri=tracker.tracking_uri)))
+        write_atomic(id_file, json.dumps(dict(run_id=tracker.run_id, tracking_uri=tracker.tracking_uri)))
     return tracker
