@@ -303,7 +303,7 @@ class Distiller:
                               f"choose another output_dir")
         if self.resume and not self.out.exists():
             self.log(f"--resume: {self.out} does not exist yet, starting a new run")
-        holder = lock_holder(self.out)
+        holder = lock_holder(self.out) if self.main else None  # other ranks would see their own main's lock
         if holder is not None:
             _refuse_locked(self.out, holder)
         if self.resume:
