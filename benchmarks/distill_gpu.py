@@ -1,30 +1,25 @@
-"""Stage-2 distillation on one GPU: memory of the three KL implementations, and a full KD step.
+"""Training speed on one GPU: the losses alone, student forward+backward, and a whole KD step (issue 18).
 
-(a) kl: peak memory and time of forward+backward of the KL between two models' next-token distributions,
-    from final hidden states [T, 2048] and LM heads [128256, 2048] (bf16, gradients to the student's hidden
-    states and head), at 8K and 32K tokens:
-      plain    losses.kl_div on both full T x V logit tensors;
-      chunked  losses.chunked_kl_div, 4096-token chunks recomputed in backward;
-      hidden   losses.hidden_state_kl_div (backend torch), 4096 x 8192 tiles with its own backward.
-    The three loss values are recorded too (they must agree).
-(b) step: tokens/s and peak memory of one whole stage-2 optimizer step as the trainer runs it (kd.KDStudent
-    and teacher_kd_targets: teacher forward without gradients, student forward + backward with activation
-    checkpointing, grad clipping, AdamW step), bf16 autocast, batch 1, at 8K and 32K tokens, for
-      hybrid   HyloConfig.from_preset("llama3.2-1b/4MLA12GDN") (random weights),
-      llama    a plain Llama-3.2-1B-shaped LlamaForCausalLM (random weights, SDPA),
-    against a Llama-3.1-8B-shaped teacher (hidden 4096, 32 layers, 32 / 8 heads, MLP 14336, vocab 128256,
-    random bf16 weights). KL "chunked" at both lengths, and "full" (all logits, as the reference point of
-    environment.md: 14.8K tokens/s, 46.7 GiB without an optimizer step) at 8K. Student weights and AdamW state
-    in --student-dtype (bf16 by default; the trainer keeps float32 master weights: pass float32 for that).
-Peak memory is torch.cuda.max_memory_allocated over the timed steps (weights, optimizer state, activations);
-"extra" subtracts what was allocated before the step. Out-of-memory is caught per configuration and
-recorded, as are other errors; configurations left when --budget-s runs out are recorded as skipped.
-The hybrid's GDN layers use flash-linear-attention when it imports (kernel_backend auto), else the PyTorch
-reference: the JSON says which.
+(a) losses: forward+backward of the next-token losses from final hidden states [T, 2048] and LM heads
+    [128256, 2048] (bf16; gradients to the student's hidden states and head), each against the plain
+    float32-logit form on the same inputs (loss and hidden-state gradient error recorded):
+      KL   plain (losses.kl_div on full logits), chunked (losses.fused_linear_kd: one pass, gradients in
+           forward), hidden (losses.hidden_state_kl_div: vocabulary tiles), liger (Liger-Kernel's
+           LigerFusedLinearJSD with beta 0, where importable; which KL direction it computes is recorded);
+      CE   plain (F.cross_entropy on full logits), fused (losses.fused_linear_cross_entropy), liger
+           (LigerFusedLinearCrossEntropyLoss, where importable).
+(b) student: forward + backward (LM loss by fused_linear_cross_entropy, activation checkpointing, bf16
+    autocast, batch 1, no optimizer) of 4MLA12GDN, 4MLA12M2 and a Llama-3.2-1B-shaped Llama (SDPA), random
+    weights, at 8K, 32K and 64K tokens; the path each linear op's backward takes (ops/dispatch.py) recorded.
+(c) step: one whole stage-2 optimizer step as the trainer runs it (kd.KDStudent + teacher_kd_targets:
+    teacher forward without autograd, student forward + backward, clip, fused AdamW) against a
+    Llama-3.1-8B-shaped teacher, every KL variant ("chunked" = the recipes' default, "hidden", "full").
+(d) profile: the top CUDA kernels and launch counts of one hybrid student step at 8K.
+Configurations run in priority order and each is written to OUT/distill_gpu.{json,md} as soon as it is
+measured; out-of-memory and errors are recorded per configuration; none starts after --budget-s.
 
-    PYTHONPATH=. python benchmarks/distill_gpu.py --out benchmarks/results/distill_gpu     # H100, ~5-8 min
-    PYTHONPATH=. python benchmarks/distill_gpu.py --out /tmp/distill_smoke --smoke        # tiny shapes, CPU
-Writes OUT/distill_gpu.json and OUT/distill_gpu.md (rewritten after every configuration).
+    PYTHONPATH=. python benchmarks/distill_gpu.py --out benchmarks/results        # H100
+    PYTHONPATH=. python benchmarks/distill_gpu.py --out /tmp/distill_smoke --smoke  # tiny shapes, CPU
 """
 
 from __future__ import annotations
@@ -41,15 +36,21 @@ from pathlib import Path
 
 import torch
 
-FULL = dict(vocab=128256, hidden=2048, seq_lens=(8192, 32768), kl_chunk=4096, vocab_chunk=8192,
+FULL = dict(vocab=128256, hidden=2048, seq_lens=(8192, 32768, 65536), kl_chunk=4096, vocab_chunk=8192,
             teacher=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=128),
-            warmup=1, reps={8192: 3, 32768: 2})
-SMOKE = dict(vocab=512, hidden=64, seq_lens=(64, 128), kl_chunk=48, vocab_chunk=100,
+            warmup=1, reps={8192: 3, 32768: 2, 65536: 1})
+SMOKE = dict(vocab=512, hidden=64, seq_lens=(64, 128, 192), kl_chunk=48, vocab_chunk=100,
              teacher=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=24),
-             warmup=1, reps={64: 1, 128: 1})
+             warmup=1, reps={64: 1, 128: 1, 192: 1})
 GiB = 2**30
+STUDENTS = ("gdn", "m2", "llama")
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 class Bench:
@@ -61,23 +62,36 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.perf_counter()
-        self.results = dict(env=self.env(), kl=[], step=[])
+        self.results = dict(env=self.env(), losses=[], student=[], step=[], profile=None)
+        self.models, self._teacher = {}, None
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
 
     def env(self) -> dict:
+        import importlib.metadata as md
+
         import transformers
 
-        from hylo_lab.ops.dispatch import kernel_available
+        from hylo_lab.ops import dispatch
+
+        def version(pkg):
+            try:
+                return md.version(pkg)
+            except md.PackageNotFoundError:
+                return None
 
         env = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                   device=torch.cuda.get_device_name() if torch.cuda.is_available() and not self.smoke else "cpu",
-                   smoke=self.smoke, fla=kernel_available("fla"), student_dtype=self.args.student_dtype,
-                   kernel_backend=self.args.kernel_backend, checkpointing=not self.args.no_checkpointing,
-                   tf32=torch.backends.cuda.matmul.allow_tf32,
+                   device=torch.cuda.get_device_name() if self.cuda else "cpu", smoke=self.smoke,
+                   packages={p: version(p) for p in ("triton", "flash-linear-attention", "fla-core", "tilelang",
+                                                      "mamba-ssm", "liger-kernel")},
+                   tilelang_imports=dispatch._imports("tilelang"), fla=dispatch.kernel_available("fla"),
+                   mamba_ssm=dispatch.kernel_available("mamba_ssm"), kernel_backend=self.args.kernel_backend,
+                   checkpointing=not self.args.no_checkpointing, label=self.args.label,
                    started=time.strftime("%Y-%m-%d %H:%M:%S"))
-        if torch.cuda.is_available() and not self.smoke:
+        if self.cuda:
             env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GiB, 1)
+            env["backward"] = {op: dispatch.backward_decision(op, "cuda") or "fla kernel"
+                               for op in dispatch.FLA_CHUNK_OPS} if env["fla"] else "no fla"
         return env
 
     def elapsed(self) -> float:
@@ -132,47 +146,85 @@ class Bench:
 
     def save(self):
         self.results["env"]["seconds"] = round(self.elapsed(), 1)
-        (self.out / "distill_gpu.json").write_text(json.dumps(self.results, indent=2))
-        (self.out / "distill_gpu.md").write_text(markdown(self.results))
+        self.add_ratios()
+        for name, text in (("distill_gpu.json", json.dumps(self.results, indent=2)),
+                           ("distill_gpu.md", markdown(self.results))):
+            tmp = self.out / (name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(self.out / name)
 
-    # -- (a) the KL implementations ------------------------------------------------------------------------------
+    def log(self, part, row):
+        print(f"[{part}] " + json.dumps(row), file=sys.stderr, flush=True)
+        self.results[part].append(row)
+        self.save()
 
-    def bench_kl(self):
-        from hylo_lab.distill.losses import chunked_kl_div, hidden_state_kl_div, kl_div
+    # -- (a) the losses ------------------------------------------------------------------------------------------
+
+    def loss_impls(self):
+        import torch.nn.functional as F
+
+        from hylo_lab.distill.losses import fused_linear_cross_entropy, fused_linear_kd, hidden_state_kl_div, kl_div
+
+        s = self.shape
+        kl = {"plain": lambda hs, ht, ws, wt, y: kl_div(hs @ ws.T, ht @ wt.T),
+              "chunked": lambda hs, ht, ws, wt, y: fused_linear_kd(hs, ws, ht, wt, chunk_size=s["kl_chunk"])[0],
+              "hidden": lambda hs, ht, ws, wt, y: hidden_state_kl_div(hs, ht, ws, wt, token_chunk=s["kl_chunk"],
+                                                                      vocab_chunk=s["vocab_chunk"], backend="torch")}
+        ce = {"plain": lambda hs, ht, ws, wt, y: F.cross_entropy((hs @ ws.T).float(), y),
+              "fused": lambda hs, ht, ws, wt, y: fused_linear_cross_entropy(hs, ws, y, chunk_size=s["kl_chunk"])}
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+            jsd, flce = LigerFusedLinearJSD(jsd_beta=0.0), LigerFusedLinearCrossEntropyLoss()
+            kl["liger"] = lambda hs, ht, ws, wt, y: jsd(hs, ws, ht, wt, None)
+            ce["liger"] = lambda hs, ht, ws, wt, y: flce(ws, hs, y)
+        except Exception as exc:  # noqa: BLE001 - not installed, or no triton
+            self.results["env"]["liger"] = f"not importable: {type(exc).__name__}: {str(exc)[:120]}"
+        return kl, ce
+
+    def bench_losses(self, T):
+        from hylo_lab.distill.losses import kl_div
 
         V, D, s = self.shape["vocab"], self.shape["hidden"], self.shape
         g = torch.Generator(device=self.device).manual_seed(0)
         dt = torch.bfloat16
-        w_s = (0.02 * torch.randn(V, D, generator=g, device=self.device)).to(dt).requires_grad_()
-        w_t = (0.02 * torch.randn(V, D, generator=g, device=self.device)).to(dt)
-        impls = {
-            "plain": lambda hs, ht: kl_div(hs @ w_s.T, ht @ w_t.T),
-            "chunked": lambda hs, ht: chunked_kl_div(hs, ht, w_s, w_t, chunk_size=s["kl_chunk"]),
-            "hidden": lambda hs, ht: hidden_state_kl_div(hs, ht, w_s, w_t, token_chunk=s["kl_chunk"],
-                                                         vocab_chunk=s["vocab_chunk"], backend="torch"),
-        }
-        for T in s["seq_lens"]:
-            hs = torch.randn(T, D, generator=g, device=self.device).to(dt).requires_grad_()
-            ht = (hs.detach().float() + 0.5 * torch.randn(T, D, generator=g, device=self.device)).to(dt)
-            for name, loss_fn in impls.items():
-                row = dict(kl=name, tokens=T, vocab=V, hidden=D)
-                print(f"[kl] {name} at {T} tokens ...", file=sys.stderr, flush=True)
+        ws = (0.02 * torch.randn(V, D, generator=g, device=self.device)).to(dt).requires_grad_()
+        wt = (0.02 * torch.randn(V, D, generator=g, device=self.device)).to(dt)
+        hs = torch.randn(T, D, generator=g, device=self.device).to(dt).requires_grad_()
+        ht = (hs.detach().float() + 0.5 * torch.randn(T, D, generator=g, device=self.device)).to(dt)
+        y = torch.randint(0, V, (T,), generator=g, device=self.device)
+        kl, ce = self.loss_impls()
+        with torch.no_grad():  # which direction liger's beta = 0 computes
+            zs, zt = (hs.float() @ ws.float().T), (ht.float() @ wt.float().T)
+            ref_dir = {d: float(kl_div(zs, zt, direction=d)) for d in ("forward", "reverse")}
+            del zs, zt
+        for kind, impls in (("kl", kl), ("ce", ce)):
+            ref = None
+            for name, fn in impls.items():
+                row = dict(loss=kind, impl=name, tokens=T, vocab=V, hidden=D)
 
-                def step(loss_fn=loss_fn):
-                    hs.grad = w_s.grad = None
-                    loss = loss_fn(hs, ht)
+                def step(fn=fn):
+                    hs.grad = ws.grad = None
+                    loss = fn(hs, ht, ws, wt, y)
                     loss.backward()
                     return loss.detach()
 
-                loss = self.measure(row, step, s["reps"][T])
+                loss = self.measure(row, step, s["reps"].get(T, 1))
                 if loss is not None:
                     row["loss"] = float(loss)
-                hs.grad = w_s.grad = None
-                self.results["kl"].append(row)
-                self.save()
-            del hs, ht
+                    grads = (hs.grad.float().clone(), ws.grad.float().clone())
+                    if name == "plain":
+                        ref = (float(loss), grads)
+                    elif ref is not None:
+                        row.update(loss_err=abs(row["loss"] - ref[0]) / max(abs(ref[0]), 1e-30),
+                                   grad_h_err=rel(grads[0], ref[1][0]), grad_w_err=rel(grads[1], ref[1][1]))
+                    if kind == "kl" and name == "liger":
+                        row["liger_direction"] = min(ref_dir, key=lambda d: abs(ref_dir[d] - row["loss"]))
+                    del grads
+                hs.grad = ws.grad = None
+                self.log("losses", row)
 
-    # -- (b) a whole stage-2 step --------------------------------------------------------------------------------
+    # -- models --------------------------------------------------------------------------------------------------
 
     def build(self, make, dtype):
         """Construct a model directly on the device in `dtype` (no float32 copy of an 8B model first)."""
@@ -185,15 +237,20 @@ class Bench:
             torch.set_default_dtype(previous)
 
     def teacher(self):
-        from transformers import LlamaConfig, LlamaForCausalLM
+        if self._teacher is None:
+            from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=self.shape["vocab"], max_position_embeddings=131072, rms_norm_eps=1e-5,
-                          rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                                               high_freq_factor=4.0, original_max_position_embeddings=8192),
-                          tie_word_embeddings=False, attn_implementation="sdpa", **self.shape["teacher"])
-        return self.build(lambda: LlamaForCausalLM(cfg), torch.bfloat16).eval().requires_grad_(False)
+            cfg = LlamaConfig(vocab_size=self.shape["vocab"], max_position_embeddings=131072, rms_norm_eps=1e-5,
+                              rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                   low_freq_factor=1.0, high_freq_factor=4.0,
+                                                   original_max_position_embeddings=8192),
+                              tie_word_embeddings=False, attn_implementation="sdpa", **self.shape["teacher"])
+            self._teacher = self.build(lambda: LlamaForCausalLM(cfg), torch.bfloat16).eval().requires_grad_(False)
+        return self._teacher
 
-    def student(self, kind: str, dtype):
+    def student(self, kind: str):
+        if kind in self.models:
+            return self.models[kind]
         from transformers import LlamaConfig, LlamaForCausalLM
 
         from hylo_lab import HyloConfig, HyloForCausalLM
@@ -202,7 +259,8 @@ class Bench:
         if self.smoke:
             base = dict(vocab_size=self.shape["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
-            hybrid = lambda: HyloConfig(**base, mixers=["gdn", "mla", "gdn", "gdn"], kv_lora_rank=16,  # noqa: E731
+            linear = {"gdn": "gdn", "m2": "mamba2"}.get(kind)
+            hybrid = lambda: HyloConfig(**base, mixers=[linear, "mla", linear, linear], kv_lora_rank=16,  # noqa: E731
                                         q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, gdn_num_heads=2,
                                         gdn_head_dim=32, chunk_size=32, kernel_backend=self.args.kernel_backend)
         else:
@@ -210,102 +268,175 @@ class Bench:
             base = {k: shape[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
                                           "tie_word_embeddings", "max_position_embeddings", "rope_parameters")}
-            hybrid = lambda: HyloConfig.from_preset("llama3.2-1b/4MLA12GDN",  # noqa: E731
-                                                    kernel_backend=self.args.kernel_backend)
-        if kind == "hybrid":
-            config = hybrid()
-            model = self.build(lambda: HyloForCausalLM(config), dtype)
-        else:
+            preset = {"gdn": "llama3.2-1b/4MLA12GDN", "m2": "llama3.2-1b/4MLA12M2"}.get(kind)
+            hybrid = lambda: HyloConfig.from_preset(preset, kernel_backend=self.args.kernel_backend)  # noqa: E731
+        dtype = getattr(torch, self.args.student_dtype)
+        if kind == "llama":
             config = LlamaConfig(**base, attn_implementation="sdpa")
             model = self.build(lambda: LlamaForCausalLM(config), dtype)
+        else:
+            config = hybrid()
+            model = self.build(lambda: HyloForCausalLM(config), dtype)
         model.train()
         if not self.args.no_checkpointing:
             from hylo_lab.distill.trainer import set_activation_checkpointing
 
             set_activation_checkpointing(model, True)
+        self.models[kind] = model
         return model
 
-    def bench_step(self):
-        from hylo_lab.distill.stages import StageSpec
+    def backend(self, kind: str) -> str:
+        """The path the linear op's backward takes in this student (ops/dispatch.py, under its kernel_backend)."""
+        if kind == "llama" or not self.cuda:
+            return "sdpa" if kind == "llama" else "torch chunked"
+        from hylo_lab.ops import dispatch
+
+        b = self.args.kernel_backend
+        p = torch.zeros(1, device=self.device, requires_grad=True)
+        if kind == "gdn":
+            return "fla" if dispatch.use_fla_chunk("gated_delta", b, p) else "torch chunked"
+        if dispatch.use_kernel("mamba_ssm", b, p):
+            return "mamba_ssm"
+        return "fla simple_gla" if dispatch.use_fla_chunk("simple_gla", b, p) else "torch chunked"
+
+    # -- (b) student forward + backward --------------------------------------------------------------------------
+
+    def bench_student(self, kind, T):
+        from hylo_lab.distill.losses import fused_linear_cross_entropy
+
+        row = dict(student=kind, tokens=T)
+        try:
+            model = self.student(kind)
+            row.update(params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1), backend=self.backend(kind))
+        except Exception as exc:  # noqa: BLE001
+            row["status"] = f"error building: {type(exc).__name__}: {str(exc)[:200]}"
+            return self.log("student", row)
+        ids = torch.randint(0, self.shape["vocab"], (1, T), device=self.device,
+                            generator=torch.Generator(device=self.device).manual_seed(T))
+        labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+
+        def step():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+            loss = fused_linear_cross_entropy(hidden, model.lm_head.weight, labels, chunk_size=self.shape["kl_chunk"])
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        loss = self.measure(row, step, self.shape["reps"][T])
+        if row.get("status") == "ok":
+            row.update(tokens_per_s=round(T / (row["ms"] / 1000), 1), loss=float(loss))
+        self.log("student", row)
+
+    # -- (c) a whole stage-2 step --------------------------------------------------------------------------------
+
+    def bench_step(self, kind, T, kl):
         from hylo_lab.distill.kd import KDStudent, teacher_kd_targets
+        from hylo_lab.distill.stages import StageSpec
 
         s = self.shape
-        short, long = s["seq_lens"]
-        plan = [("hybrid", short, "chunked"), ("llama", short, "chunked"), ("hybrid", long, "chunked"),
-                ("llama", long, "chunked"), ("hybrid", short, "full"), ("llama", short, "full")]
-        dtype = getattr(torch, self.args.student_dtype)
-        print("[step] building the teacher ...", file=sys.stderr, flush=True)
-        teacher = self.teacher()
-        teacher_gib = self.allocated()
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
-        for kind in ("hybrid", "llama"):
-            if self.elapsed() > self.args.budget_s:
-                for k, T, kl in plan:
-                    if k == kind:
-                        self.results["step"].append(dict(student=k, tokens=T, kl=kl, status="skipped (time budget)"))
-                self.save()
-                continue
-            student = self.student(kind, dtype)
-            params = sum(p.numel() for p in student.parameters())
-            backend = None
-            if kind == "hybrid":
-                from hylo_lab.ops.dispatch import use_kernel
+        row = dict(student=kind, tokens=T, kl=kl)
+        if self.elapsed() > self.args.budget_s:
+            row["status"] = "skipped (time budget)"
+            return self.log("step", row)
+        try:
+            teacher = self.teacher()
+            student = self.student(kind)
+            row.update(backend=self.backend(kind), teacher_gib=None if not self.cuda else round(
+                sum(p.numel() * p.element_size() for p in teacher.parameters()) / GiB, 2))
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "OOM building"
+            return self.log("step", row)
+        stage = StageSpec(name="bench", kind="kd", seq_len=T, steps=1, kl=kl, kl_chunk_size=s["kl_chunk"],
+                          vocab_chunk_size=s["vocab_chunk"])
+        wrapper = KDStudent(student, stage)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=self.cuda)
+        ids = torch.randint(0, s["vocab"], (1, T), device=self.device,
+                            generator=torch.Generator(device=self.device).manual_seed(T))
 
-                probe = next(student.parameters())
-                backend = "fla" if use_kernel("fla", student.config.kernel_backend, probe) else "torch reference"
-            for k, T, kl in plan:
-                if k != kind:
-                    continue
-                row = dict(student=kind, tokens=T, kl=kl, params_m=round(params / 1e6, 1), gdn_backend=backend,
-                           teacher_gib=None if teacher_gib is None else round(teacher_gib, 2),
-                           checkpointing=not self.args.no_checkpointing)
-                print(f"[step] {kind} student, {T} tokens, kl {kl} ...", file=sys.stderr, flush=True)
-                stage = StageSpec(name="bench", kind="kd", seq_len=T, steps=1, kl=kl, kl_chunk_size=s["kl_chunk"],
-                                  vocab_chunk_size=s["vocab_chunk"])
-                wrapper = KDStudent(student, stage)
-                optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=self.cuda)
-                ids = torch.randint(0, s["vocab"], (1, T), device=self.device,
-                                    generator=torch.Generator(device=self.device).manual_seed(T))
-                losses = []
+        def step():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                t_out, t_head = teacher_kd_targets(teacher, ids, kl)
+                loss, _ = wrapper(ids, t_out, t_head)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
 
-                def step():
-                    with autocast:
-                        t_out, t_head = teacher_kd_targets(teacher, ids, kl)
-                        loss, _ = wrapper(ids, t_out, t_head)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss.detach())
-                    return loss.detach()
-
-                self.measure(row, step, s["reps"][T])
-                if row.get("status") == "ok":
-                    row["tokens_per_s"] = round(T / (row["ms"] / 1000), 1)
-                    row["loss"] = float(losses[-1])
-                optimizer.zero_grad(set_to_none=True)
-                del optimizer, wrapper, ids, losses
-                self.clean()
-                self.results["step"].append(row)
-                self.save()
-            del student
-            self.clean()
-        del teacher
+        loss = self.measure(row, step, s["reps"][T])
+        if row.get("status") == "ok":
+            row.update(tokens_per_s=round(T / (row["ms"] / 1000), 1), loss=float(loss))
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer, wrapper
         self.clean()
-        self.add_ratios()
+        self.log("step", row)
+
+    # -- (d) where the time goes ---------------------------------------------------------------------------------
+
+    def profile(self, kind, T):
+        from torch.profiler import ProfilerActivity, profile
+
+        from hylo_lab.distill.losses import fused_linear_cross_entropy
+
+        if self.elapsed() > self.args.budget_s:
+            return
+        model = self.student(kind)
+        ids = torch.randint(0, self.shape["vocab"], (1, T), device=self.device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        try:
+            with profile(activities=acts) as prof:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                fused_linear_cross_entropy(hidden, model.lm_head.weight, ids).backward()
+                model.zero_grad(set_to_none=True)
+                self.sync()
+            attr = "device_time_total" if self.cuda else "cpu_time_total"
+            ev = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
+            self.results["profile"] = dict(
+                student=kind, tokens=T, backend=self.backend(kind),
+                top=[dict(name=e.key[:90], calls=e.count, ms=round(getattr(e, attr, 0) / 1000, 2)) for e in ev[:20]],
+                launches=sum(e.count for e in prof.events() if getattr(e, "device_type", None) is not None
+                             and str(e.device_type).endswith("CUDA")))
+        except Exception as exc:  # noqa: BLE001
+            self.results["profile"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
         self.save()
 
     def add_ratios(self):
-        """hybrid / llama tokens/s and peak memory at each (length, kl) where both ran (the issue's goals)."""
-        rows = {(r["student"], r["tokens"], r["kl"]): r for r in self.results["step"]}
+        """hybrid / llama tokens/s and peak memory wherever both ran (the issue's goals)."""
         ratios = []
-        for (kind, T, kl), r in rows.items():
-            other = rows.get(("llama", T, kl))
-            if kind == "hybrid" and other and r.get("status") == other.get("status") == "ok":
-                ratios.append(dict(tokens=T, kl=kl, speedup=round(r["tokens_per_s"] / other["tokens_per_s"], 3),
-                                   peak_ratio=None if r.get("peak_gib") is None else
-                                   round(r["peak_gib"] / other["peak_gib"], 3)))
+        for part, key in (("student", lambda r: (r["tokens"],)), ("step", lambda r: (r["tokens"], r["kl"]))):
+            rows = {(r["student"], *key(r)): r for r in self.results[part] if r.get("status") == "ok"}
+            for (kind, *k), r in rows.items():
+                other = rows.get(("llama", *k))
+                if kind != "llama" and other:
+                    ratios.append(dict(part=part, student=kind, tokens=k[0], kl=k[1] if len(k) > 1 else None,
+                                       speedup=round(r["tokens_per_s"] / other["tokens_per_s"], 3),
+                                       peak_ratio=None if r.get("peak_gib") is None else
+                                       round(r["peak_gib"] / other["peak_gib"], 3)))
         self.results["hybrid_vs_llama"] = ratios
+
+    def plan(self):
+        """Priority order: what answers the issue's goals first, the longest lengths last."""
+        short, mid, long = self.shape["seq_lens"]
+        only = self.args.only
+        jobs = []
+        if only in (None, "losses"):
+            jobs.append(lambda: self.bench_losses(short))
+        if only in (None, "student"):
+            jobs += [lambda k=k: self.bench_student(k, short) for k in STUDENTS]
+        if only in (None, "step"):
+            jobs += [lambda k=k: self.bench_step(k, short, "chunked") for k in STUDENTS]
+        if only in (None, "student"):
+            jobs += [lambda k=k: self.bench_student(k, mid) for k in STUDENTS]
+        if only in (None, "step"):
+            jobs += [lambda k=k, kl=kl: self.bench_step(k, short, kl) for kl in ("full", "hidden") for k in ("gdn", "llama")]
+        if only in (None, "student"):
+            jobs.append(lambda: self.profile("gdn", short))
+            jobs += [lambda k=k: self.bench_student(k, long) for k in STUDENTS]
+        if only in (None, "step"):
+            jobs += [lambda k=k: self.bench_step(k, mid, "chunked") for k in ("gdn", "llama")]
+        return jobs
 
 
 def _cell(v):
@@ -316,36 +447,48 @@ def _cell(v):
     return str(v)
 
 
+def _table(rows, cols):
+    out = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(_cell(r.get(k)) for _, k in cols) + " |" for r in rows]
+    return out + [""]
+
+
 def markdown(res: dict) -> str:
     env = res["env"]
-    lines = [f"# Stage-2 distillation benchmark ({env['device']})", "",
-             f"torch {env['torch']}, transformers {env['transformers']}, flash-linear-attention importable: "
-             f"{env['fla']}, student dtype {env['student_dtype']}{', SMOKE (tiny shapes)' if env['smoke'] else ''}; "
-             f"{env.get('seconds', '?')} s.", ""]
-    if res["kl"]:
-        lines += ["## (a) KL forward + backward, bf16 hidden states and heads", "",
-                  "| kl | tokens | vocab | hidden | status | ms | peak GiB | extra GiB | loss |",
-                  "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
-        for r in res["kl"]:
-            lines.append("| " + " | ".join(_cell(r.get(k)) for k in
-                                           ("kl", "tokens", "vocab", "hidden", "status", "ms", "peak_gib", "extra_gib",
-                                            "loss")) + " |")
-        lines.append("")
+    pk = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    lines = [f"# Training speed: losses, student forward+backward, KD step ({env['device']})", "",
+             f"{env.get('label') or ''} torch {env['torch']}, transformers {env['transformers']}; {pk}; tilelang "
+             f"imports: {env['tilelang_imports']}; fla backward per op: {env.get('backward')}; "
+             f"{'SMOKE (tiny shapes); ' if env['smoke'] else ''}{env.get('seconds', '?')} s.", ""]
+    if res["losses"]:
+        lines += ["## (a) Losses from hidden states, forward + backward (bf16 in, errors vs plain)", ""]
+        lines += _table(res["losses"], [("loss", "loss"), ("impl", "impl"), ("tokens", "tokens"),
+                                        ("status", "status"), ("ms", "ms"), ("peak GiB", "peak_gib"),
+                                        ("extra GiB", "extra_gib"), ("value", "loss"), ("value err", "loss_err"),
+                                        ("grad h err", "grad_h_err"), ("grad W err", "grad_w_err"),
+                                        ("liger KL is", "liger_direction")])
+    if res["student"]:
+        lines += ["## (b) Student forward + backward (fused CE, activation checkpointing, bf16, batch 1)", ""]
+        lines += _table(res["student"], [("student", "student"), ("tokens", "tokens"), ("status", "status"),
+                                         ("tokens/s", "tokens_per_s"), ("ms", "ms"), ("peak GiB", "peak_gib"),
+                                         ("params (M)", "params_m"), ("linear backward", "backend")])
     if res["step"]:
-        lines += ["## (b) One stage-2 step: 8B-shaped teacher forward, student forward + backward, AdamW", "",
-                  "| student | tokens | kl | status | tokens/s | ms | peak GiB | extra GiB | params (M) | GDN backend |",
-                  "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
-        for r in res["step"]:
-            lines.append("| " + " | ".join(_cell(r.get(k)) for k in
-                                           ("student", "tokens", "kl", "status", "tokens_per_s", "ms", "peak_gib",
-                                            "extra_gib", "params_m", "gdn_backend")) + " |")
-        lines.append("")
+        lines += ["## (c) One stage-2 step: 8B-shaped teacher forward, student forward + backward, AdamW", ""]
+        lines += _table(res["step"], [("student", "student"), ("tokens", "tokens"), ("kl", "kl"),
+                                      ("status", "status"), ("tokens/s", "tokens_per_s"), ("ms", "ms"),
+                                      ("peak GiB", "peak_gib"), ("extra GiB", "extra_gib"),
+                                      ("linear backward", "backend")])
     if res.get("hybrid_vs_llama"):
-        lines += ["Hybrid vs Llama student (goals: tokens/s >= 1.0x at 8K and >= 1.5x at 32K, lower peak memory):", "",
-                  "| tokens | kl | tokens/s ratio | peak memory ratio |", "|---:|---|---:|---:|"]
-        for r in res["hybrid_vs_llama"]:
-            lines.append(f"| {r['tokens']} | {r['kl']} | {_cell(r['speedup'])} | {_cell(r['peak_ratio'])} |")
-        lines.append("")
+        lines += ["Hybrid / Llama student (goals: fwd+bwd >= 1.0x at 8K, 1.4x at 32K, 1.8x at 64K; KD step >= 1.0x "
+                  "at 8K):", ""]
+        lines += _table(res["hybrid_vs_llama"], [("part", "part"), ("student", "student"), ("tokens", "tokens"),
+                                                 ("kl", "kl"), ("tokens/s ratio", "speedup"),
+                                                 ("peak memory ratio", "peak_ratio")])
+    prof = res.get("profile")
+    if prof and prof.get("top"):
+        lines += [f"## (d) Profile: {prof['student']} student fwd+bwd at {prof['tokens']} tokens "
+                  f"({prof['backend']}), {prof['launches']} kernel launches", ""]
+        lines += _table(prof["top"], [("op", "name"), ("calls", "calls"), ("ms", "ms")])
     return "\n".join(lines)
 
 
@@ -353,31 +496,35 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for distill_gpu.json and distill_gpu.md")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
-    p.add_argument("--only", choices=("kl", "step"), help="run one part only")
+    p.add_argument("--only", choices=("losses", "student", "step"), help="run one part only")
+    p.add_argument("--label", default="", help="a note on the software stack, written into the results")
     p.add_argument("--student-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="student weights and AdamW state (float32 = the trainer's master weights)")
     p.add_argument("--no-checkpointing", action="store_true", help="student without activation checkpointing")
     p.add_argument("--kernel-backend", default="auto", choices=("auto", "torch", "fla"),
-                   help="the hybrid's GDN kernels: auto (fla when it imports), torch (reference), fla (forced)")
+                   help="the hybrids' linear-op kernels: auto (dispatch decides per op), torch, fla (forced)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="start no new configuration after this many seconds (default 420)")
     args = p.parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # recover cleanly after an OOM
     if not args.smoke and not torch.cuda.is_available():
-        sys.exit("no CUDA device: run with --smoke for a CPU check of the script")
+        print("distill_gpu: no CUDA device here; run with --smoke for a CPU check of the script", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     bench = Bench(args)
-    if args.only in (None, "kl"):
-        bench.bench_kl()
-    if args.only in (None, "step"):
-        bench.bench_step()
+    for job in bench.plan():
+        if bench.elapsed() > args.budget_s:
+            break
+        job()
     bench.save()
     print(markdown(bench.results))
-    bad = [r for r in bench.results["kl"] + bench.results["step"] if str(r.get("status", "")).startswith("error")]
+    bad = [r for r in bench.results["losses"] + bench.results["student"] + bench.results["step"]
+           if str(r.get("status", "")).startswith("error")]
     if bad and args.smoke:
-        sys.exit(f"{len(bad)} configuration(s) failed")
-    return bench.results
+        print(f"distill_gpu: {len(bad)} configuration(s) failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
