@@ -153,9 +153,13 @@ def test_loads_without_hylo_lab(saved, tmp_path):
         out = model.generate(ids[:1, :9], max_new_tokens=3, do_sample=False)
         hook.remove()
         assert lengths == [9, 1, 1], lengths
-        torch.save(dict(logits=model(ids).logits, generated=out), sys.argv[3])
+        logits = model(ids).logits
+        model.save_pretrained(sys.argv[4])  # the remote-code copy saves (and reloads) itself
+        again = AutoModelForCausalLM.from_pretrained(sys.argv[4], trust_remote_code=True).eval()
+        assert torch.equal(again(ids).logits, logits)
+        torch.save(dict(logits=logits, generated=out), sys.argv[3])
         assert not [m for m in sys.modules if m.split(".")[0] == "hylo_lab"]
-    """, tmp_path, path, tmp_path / "ids.pt", tmp_path / "out.pt")
+    """, tmp_path, path, tmp_path / "ids.pt", tmp_path / "out.pt", tmp_path / "resaved")
     got = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         torch.testing.assert_close(got["logits"], model(ids).logits, rtol=0, atol=1e-6)
