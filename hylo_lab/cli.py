@@ -103,9 +103,14 @@ def cmd_sweep(args):
     """Run every point of an ablation YAML with papermill: one MLflow parent run, one child run per point."""
     from hylo_lab.sweep import SweepError, parse_only, run_sweep
 
+    executor = None
+    if args.executor == "ray":
+        from hylo_lab.executors import RayExecutor
+
+        executor = RayExecutor(args.address, gpus_per_point=args.gpus_per_point, cpus_per_point=args.cpus_per_point)
     try:
         summary = run_sweep(args.sweep_file, jobs=args.jobs, dry_run=args.dry_run, only=parse_only(args.only),
-                            out_dir=args.out_dir, tracking_uri=args.tracking_uri)
+                            out_dir=args.out_dir, tracking_uri=args.tracking_uri, executor=executor)
     except SweepError as exc:
         sys.exit(f"hylo-lab sweep: {exc}")
     failed = int((summary.status == "FAILED").sum())
@@ -277,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only points with this parameter value (repeat: same key = any of, keys = all of)")
     p.add_argument("--out-dir", help="executed notebooks go here (default runs/sweeps/NAME/)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: papermill processes here (default); ray: one Ray task per point (pip install "
+                        "'hylo_lab[ray]')")
+    p.add_argument("--address", help="Ray cluster address HOST:PORT (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--gpus-per-point", type=float, default=0.0, help="GPUs a point reserves on Ray; 0.25 packs 4 "
+                   "points per GPU (default 0)")
+    p.add_argument("--cpus-per-point", type=float, default=1.0, help="CPUs a point reserves on Ray (default 1)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="a sweep's runs as a table and its plots, saved and logged to MLflow")

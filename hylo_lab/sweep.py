@@ -494,7 +494,7 @@ def runs_frame(runs: list[dict], axes: list[str], metrics: list[str] | None = No
 
 
 def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None = None, out_dir=None,
-              tracking_uri: str | None = None, kernel_name: str | None = None, echo=print):
+              tracking_uri: str | None = None, kernel_name: str | None = None, echo=print, executor=None):
     """Run every point of a sweep file (see the module docstring); returns the summary DataFrame (point, axes,
     status FINISHED / FAILED / SKIPPED / PLANNED, duration_s, run_id, metrics). Executed notebooks are kept in
     `out_dir` (default runs/sweeps/<name>/) and logged to their child runs under notebook/."""
@@ -544,7 +544,7 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
          f"{sweep.experiment!r} at {uri}")
     results = {}
     try:
-        for i, result in enumerate(_execute(tasks, jobs), 1):
+        for i, result in enumerate((executor or _execute)(tasks, jobs), 1):  # executor: executors.RayExecutor
             results[result["key"]] = result
             note = f"  ({result['error']})" if result["error"] else ""
             echo(f"[{i}/{len(tasks)}] {result['key']}: {result['status']} in {result['duration_s']:.1f} s{note}")
