@@ -34,63 +34,72 @@ def cmd_smoke(args):
         sys.exit("smoke run failed: cached decode disagrees with the full forward")
 
 
-def _int_list(text):
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
-
-
 def cmd_upcycle(args):
     """Base checkpoint -> hybrid directory (hylo_lab.upcycle.upcycle_to_dir); prints plan, params, cache."""
-    from hylo_lab.upcycle import UpcycleError, upcycle_to_dir
+    from hylo_lab.outputs import check_writable
+    from hylo_lab.upcycle import upcycle_to_dir
 
-    kwargs = dict(layout=args.layout, mla_layers=_int_list(args.mla_layers) if args.mla_layers else None,
+    check_writable(args.out, "--out")
+    kwargs = dict(layout=args.layout, mla_layers=_numbers(args.mla_layers, int, "--mla-layers") if args.mla_layers else None,
                   select=args.select, preset=args.preset, linear=args.linear, q_lora_rank=args.q_lora_rank,
                   kv_lora_rank=args.kv_lora_rank, qk_rope_head_dim=args.qk_rope_head_dim,
                   rank_energy=args.rank_energy, rope_init=args.rope_init, qk_norm=args.qk_norm,
                   mixer_init=args.mixer_init, mamba2_D=args.mamba2_d, dtype=args.dtype, seed=args.seed)
-    try:
-        print(upcycle_to_dir(args.base, args.out, calib_file=args.calib_file, calib_tokens=args.calib_tokens,
-                             calib_len=args.calib_len, seq_lens=_int_list(args.seq_lens), **kwargs))
-    except UpcycleError as exc:
-        sys.exit(f"hylo-lab upcycle: {exc}")
+    print(upcycle_to_dir(args.base, args.out, calib_file=args.calib_file, calib_tokens=args.calib_tokens,
+                         calib_len=args.calib_len, seq_lens=_numbers(args.seq_lens, int, "--seq-lens"), **kwargs))
 
 
 def cmd_info(args):
     """Layer plan, parameter count and cache footprint vs the base for a saved hybrid or a preset."""
-    from hylo_lab.upcycle import UpcycleError, info_text
+    from hylo_lab.upcycle import info_text
+
+    print(info_text(args.target, _numbers(args.seq_lens, int, "--seq-lens")))
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    """"256, 512" -> [256, 512]; a bad item is a UserError naming the flag."""
+    from hylo_lab.errors import UserError
 
     try:
-        print(info_text(args.target, _int_list(args.seq_lens)))
-    except UpcycleError as exc:
-        sys.exit(f"hylo-lab info: {exc}")
+        return [kind(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected a comma list of {kind.__name__}s, e.g. {flag} "
+                        f"{'256,512' if kind is int else '0,0.5,1'}") from None
 
 
 def cmd_eval(args):
     """Evaluate a saved model on one or more suites (hylo_lab.eval.evaluate); print the tables, log to MLflow."""
-    from hylo_lab.eval import evaluate, summary_text
+    from hylo_lab.eval import check_request, evaluate, load_documents, summary_text
     from hylo_lab.tracking import Tracker
-
-    def ints(text):
-        return [int(x) for x in text.split(",") if x.strip()]
 
     def names(text):
         return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
+    limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+    kwargs = dict(lengths=_numbers(args.lengths, int, "--lengths"), tasks=names(args.tasks),
+                  depths=_numbers(args.depths, float, "--depths"), niah_task=args.niah_task,
+                  num_samples=args.num_samples, haystack=args.haystack, qa_file=args.qa_file, documents=args.documents,
+                  position_length=args.position_length, bucket_size=args.bucket_size,
+                  harness_tasks=names(args.harness_tasks), include_path=args.include_path,
+                  num_fewshot=args.num_fewshot, limit=limit, batch_size=args.batch_size,
+                  prefill_chunk=args.prefill_chunk or None, decode_tokens=args.decode_tokens, device=args.device,
+                  dtype=args.dtype)
+    check_request(args.model, names(args.suite) or [], check_harness=False, **kwargs)
+    if "ppl" in (names(args.suite) or []):
+        kwargs["documents"] = load_documents(args.documents)
+    if args.out_dir:
+        from hylo_lab.outputs import check_writable
+
+        check_writable(args.out_dir, "--out-dir")
     tracker = None
     if not args.no_track:
         tracker = Tracker(args.experiment, args.run_name, tracking_uri=args.tracking_uri,
                           tags={"model_path": args.model, "suite": args.suite, "command": "eval"})
         tracker = tracker if tracker.active else None
     try:
-        results = evaluate(
-            args.model, names(args.suite), lengths=ints(args.lengths), tasks=names(args.tasks),
-            depths=[float(x) for x in args.depths.split(",")], niah_task=args.niah_task, num_samples=args.num_samples,
-            seed=args.seed, haystack=args.haystack, qa_file=args.qa_file, documents=args.documents,
-            position_length=args.position_length, bucket_size=args.bucket_size,
-            harness_tasks=names(args.harness_tasks), include_path=args.include_path, num_fewshot=args.num_fewshot,
-            limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit, batch_size=args.batch_size,
-            prefill_chunk=args.prefill_chunk or None, decode_tokens=args.decode_tokens, device=args.device,
-            dtype=args.dtype, tracker=tracker, out_dir=args.out_dir, label=args.label)
-    except Exception:
+        results = evaluate(args.model, names(args.suite), seed=args.seed, tracker=tracker, out_dir=args.out_dir,
+                           label=args.label, **kwargs)
+    except BaseException:
         if tracker is not None:
             tracker.end("FAILED")
         raise
@@ -101,18 +110,15 @@ def cmd_eval(args):
 
 def cmd_sweep(args):
     """Run every point of an ablation YAML with papermill: one MLflow parent run, one child run per point."""
-    from hylo_lab.sweep import SweepError, parse_only, run_sweep
+    from hylo_lab.sweep import parse_only, run_sweep
 
     executor = None
     if args.executor == "ray":
         from hylo_lab.executors import RayExecutor
 
         executor = RayExecutor(args.address, gpus_per_point=args.gpus_per_point, cpus_per_point=args.cpus_per_point)
-    try:
-        summary = run_sweep(args.sweep_file, jobs=args.jobs, dry_run=args.dry_run, only=parse_only(args.only),
-                            out_dir=args.out_dir, tracking_uri=args.tracking_uri, executor=executor)
-    except SweepError as exc:
-        sys.exit(f"hylo-lab sweep: {exc}")
+    summary = run_sweep(args.sweep_file, jobs=args.jobs, dry_run=args.dry_run, only=parse_only(args.only),
+                        out_dir=args.out_dir, tracking_uri=args.tracking_uri, executor=executor)
     failed = int((summary.status == "FAILED").sum())
     if failed:
         sys.exit(f"hylo-lab sweep: {failed} of {len(summary)} point(s) failed")
@@ -121,12 +127,8 @@ def cmd_sweep(args):
 def cmd_compare(args):
     """A sweep's runs as a table and its plots as PNGs, logged to the sweep's parent run."""
     from hylo_lab.compare import compare
-    from hylo_lab.sweep import SweepError
 
-    try:
-        frame, figures = compare(args.sweep, tracking_uri=args.tracking_uri, out_dir=args.out_dir)
-    except SweepError as exc:
-        sys.exit(f"hylo-lab compare: {exc}")
+    frame, figures = compare(args.sweep, tracking_uri=args.tracking_uri, out_dir=args.out_dir)
     print(frame.drop(columns=["run_id"]).to_string(index=False, float_format="{:.4g}".format))
     print(f"{len(figures)} figure(s) and runs.csv in {frame.attrs['out_dir']}, logged to parent run "
           f"{frame.attrs['parent_run_id']}")
@@ -182,16 +184,20 @@ def cmd_demo(args):
     """The toy HyLo recipe end to end: execute notebooks/00_quickstart.ipynb, write it, its HTML and figures."""
     from hylo_lab.demo import report_text, run_demo
 
-    try:
-        summary = run_demo(quick=args.quick, linear=args.linear, out_dir=args.out, tracking_uri=args.tracking_uri or "",
-                           experiment=args.experiment)
-    except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"hylo-lab demo: {exc}")
+    summary = run_demo(quick=args.quick, linear=args.linear, out_dir=args.out, tracking_uri=args.tracking_uri or "",
+                       experiment=args.experiment)
     print(report_text(summary))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `hylo-lab eval: argument --lengths: ... (see hylo-lab eval --help)`, code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hylo-lab", description=__doc__)
+    parser = _Parser(prog="hylo-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("smoke", help="build a tiny hybrid and check cached decode against a full forward")
@@ -309,15 +315,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None):
-    from hylo_lab.errors import UserError
+def _one_line(message: str) -> str:
+    """"file: 2 problems:\n  - a\n  - b" -> "file: 2 problems: a; b" (a terminal line per error, not a list)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return message.strip()
+    rest = "; ".join(line.removeprefix("- ") for line in lines[1:])
+    return f"{lines[0]} {rest}" if lines[0].endswith(":") else f"{lines[0]}; {rest}"
 
-    args = build_parser().parse_args(argv)
+
+def main(argv=None):
+    import warnings
+
+    from hylo_lab.errors import UserError
+    from hylo_lab.tracking import TrackingUnavailable
+
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        print(f"hylo-lab {args.command}: unrecognized arguments: {' '.join(extra)} (see hylo-lab {args.command} "
+              "--help)", file=sys.stderr)
+        sys.exit(2)
+    warnings.filterwarnings("ignore", message="MLflow logging disabled")  # Tracker prints its own one line
     try:
         args.func(args)
     except UserError as exc:
-        print(f"hylo-lab {args.command}: {exc}", file=sys.stderr)
+        print(f"hylo-lab {args.command}: {_one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
+    except TrackingUnavailable as exc:
+        print(f"hylo-lab {args.command}: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit("interrupted")
 

@@ -120,19 +120,24 @@ def figure_name(plot: dict) -> str:
 def compare(sweep, *, tracking_uri: str | None = None, out_dir=None, log: bool = True):
     """The sweep's points as a DataFrame, and one figure per plot spec, saved as PNG (with runs.csv) in `out_dir`
     (default: results/<name>/ beside the YAML, or ablations/results/<name>/) and logged to the parent run
-    under figures/ and tables/. Returns (DataFrame, [figures])."""
+    under figures/ and tables/. Returns (DataFrame, [figures]). An unwritable `out_dir` is refused before MLflow
+    is read; the files replace the previous ones only once all are written."""
+    from .outputs import check_writable, staged
+
+    if out_dir is not None:
+        check_writable(out_dir, "--out-dir")
     frame, spec, parent = sweep_runs(sweep, tracking_uri=tracking_uri)
     name = spec.get("name") or str(sweep)
     if out_dir is None:
         out_dir = (Path(spec["path"]).parent if spec.get("path") else Path("ablations")) / "results" / name
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable(out_dir, "--out-dir")
     figures = []
-    for plot in spec.get("plots", []):
-        fig = plot_sweep(frame, plot, title=name)
-        fig.savefig(out_dir / f"{figure_name(plot)}.png", dpi=120, bbox_inches="tight")
-        figures.append(fig)
-    frame.to_csv(out_dir / "runs.csv", index=False)
+    with staged(out_dir) as tmp:  # written beside out_dir, moved in once all are written
+        for plot in spec.get("plots", []):
+            fig = plot_sweep(frame, plot, title=name)
+            fig.savefig(tmp / f"{figure_name(plot)}.png", dpi=120, bbox_inches="tight")
+            figures.append(fig)
+        frame.to_csv(tmp / "runs.csv", index=False)
     if log:
         from .tracking import Tracker
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.toy import TEACHER_NIAH_TASKS, TEACHERS, TOY_TRAIN_LEN
+from .errors import UserError
 
 BASE = "llama-s"  # the teacher that is upcycled (stage 1's teacher too)
 # The needle tasks behind `eval/niah/<length>`: one number retrieved by a word key from a repetitive (noise) or a
@@ -90,7 +91,7 @@ class DemoSettings:
             except ValueError as exc:
                 problems.append(str(exc))
         if problems:
-            raise ValueError("demo settings are invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise UserError("demo settings are invalid: " + "; ".join(problems))
 
     @property
     def lengths(self) -> list[int]:
@@ -532,40 +533,51 @@ def run_demo(*, quick: bool = False, linear: str = "gdn", out_dir=None, tracking
              experiment: str = "quickstart", extra: dict | None = None, echo=print) -> dict:
     """Execute notebooks/00_quickstart.ipynb with papermill into `out_dir` (default runs/demo, or runs/demo-quick),
     its output streamed to the terminal; then write its HTML next to it. Returns summary.json's content plus
-    `notebook`, `html`, `figures` and `out_dir`."""
+    `notebook`, `html`, `figures` and `out_dir`. Bad settings or an unwritable `out_dir` raise UserError before
+    anything runs; a second demo on the same folder is refused while one runs; the previous results are replaced
+    only when the new run succeeded."""
     import logging
 
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
 
+    from .outputs import check_writable, locked, staged
+
     out = Path(out_dir or (DEFAULT_OUT + ("-quick" if quick else ""))).resolve()
     params = dict(quick=quick, linear=linear, out_dir=str(out), experiment=experiment, tracking_uri=tracking_uri,
                   **(extra or {}))
     DemoSettings(**params)  # bad values fail here, before a kernel starts
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    check_writable(out, "--out")
+    notebook = notebook_path()
     if quick:
         params.update(QUICK_PARAMETERS, **{k: v for k, v in (extra or {}).items()})
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("summary.json", "results.csv", "00_quickstart.ipynb", "00_quickstart.html"):
-        (out / stale).unlink(missing_ok=True)
-    executed = out / "00_quickstart.ipynb"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("papermill").setLevel(logging.INFO)
-    echo(f"hylo-lab demo{' --quick' if quick else ''}: executing {notebook_path().name} -> {executed}")
     t0 = time.perf_counter()
-    papermill.execute_notebook(str(notebook_path()), str(executed), parameters=params, kernel_name="python3",
-                               log_output=True, progress_bar=False, cwd=str(Path.cwd()))
-    nb = nbformat.read(str(executed), as_version=4)
-    html, _ = HTMLExporter().from_notebook_node(nb)
-    html_path = out / "00_quickstart.html"
-    html_path.write_text(html, encoding="utf-8")
-    summary = json.loads((out / "summary.json").read_text())
+    # The notebook writes into a sibling folder that replaces `out` only when everything ran: until then (and after
+    # a failure or a kill) the previous results stay as they were.
+    with locked(out, "hylo-lab demo"), staged(out, whole=True) as tmp:
+        params["out_dir"] = staging = str(tmp)
+        executed = tmp / "00_quickstart.ipynb"
+        echo(f"hylo-lab demo{' --quick' if quick else ''}: executing {notebook.name} -> {out / executed.name} "
+             f"(written to {tmp.name} until it succeeds)")
+        papermill.execute_notebook(str(notebook), str(executed), parameters=params, kernel_name="python3",
+                                   log_output=True, progress_bar=False, cwd=str(Path.cwd()))
+        nb = nbformat.read(str(executed), as_version=4)
+        html, _ = HTMLExporter().from_notebook_node(nb)
+        (tmp / "00_quickstart.html").write_text(html, encoding="utf-8")
+        summary = json.loads((tmp / "summary.json").read_text())
+    executed, html_path = out / "00_quickstart.ipynb", out / "00_quickstart.html"
     if summary.get("run_id"):
         from .tracking import Tracker
 
         tracker = Tracker(summary["experiment"], tracking_uri=summary["tracking_uri"], run_id=summary["run_id"])
         tracker.log_artifact(executed, "notebook")
         tracker.log_artifact(html_path, "notebook")
+        tracker.set_tags({k: v.replace(staging, str(out)) for k, v in tracker.get_tags().items() if staging in v})
     summary.update(notebook=str(executed), html=str(html_path), out_dir=str(out),
                    figures=sorted(str(p) for p in (out / "figures").glob("*.png")),
                    wall_seconds=time.perf_counter() - t0)

@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import re
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -219,7 +220,7 @@ def load_sweep(path, *, declared: dict[str, Param] | None = None) -> Sweep:
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {e}") from None
+        raise SweepError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(spec, dict):
         raise SweepError(f"{path}: a sweep file is a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
 
@@ -322,6 +323,13 @@ def load_sweep(path, *, declared: dict[str, Param] | None = None) -> Sweep:
     return sweep
 
 
+def _yaml_problem(exc) -> str:
+    """A YAML parse error in one line: "line 2, column 7: expected ',' or ']', but got ':'"."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(exc, "problem", None) or exc).split())
+
+
 def _check_plots(plots, axes, problems) -> list[dict]:
     if not isinstance(plots, list) or not all(isinstance(p, dict) for p in plots):
         problems.append("plots must be a list of mappings like {x: length, y: 'eval/niah/{length}', hue: layout}")
@@ -385,11 +393,11 @@ def _run_point(task: dict) -> dict:
     logging.getLogger("papermill").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     tracker = Tracker(task["experiment"], task["key"], tracking_uri=task["tracking_uri"], tags=task["tags"],
-                      parent_run_id=task["parent_run_id"])
-    if not tracker.active:
+                      parent_run_id=task["parent_run_id"], enabled=task.get("track", True))
+    if task.get("track", True) and not tracker.active:
         return dict(key=task["key"], run_id=None, status="FAILED", duration_s=0.0,
                     error="could not create the child run in MLflow (see the warning above)")
-    params = {**task["parameters"], "run_id": tracker.run_id, "parent_run_id": task["parent_run_id"],
+    params = {**task["parameters"], "run_id": tracker.run_id or "", "parent_run_id": task["parent_run_id"],
               "experiment": task["experiment"], "tracking_uri": task["tracking_uri"]}
     tracker.log_dict(params, "parameters.json", "notebook")
     output = Path(task["output"])
@@ -437,7 +445,12 @@ def _open_parent(sweep: Sweep, uri: str):
 
     tags = dict(sweep_name=sweep.name, sweep_role="parent", notebook=_display_path(sweep.notebook),
                 sweep_file=_display_path(sweep.path), sweep_spec=json.dumps(sweep.spec()))
-    found = find_parent(sweep.name, sweep.experiment, uri)
+    try:
+        found = find_parent(sweep.name, sweep.experiment, uri)
+    except Exception as exc:  # a store that passed the probe but fails to answer: go on without tracking
+        print(f"[hylo_lab] MLflow unavailable, the sweep runs without tracking: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return None
     if found:
         parent = Tracker(sweep.experiment, tracking_uri=uri, run_id=found["run_id"])
         parent.set_status("RUNNING")
@@ -445,7 +458,7 @@ def _open_parent(sweep: Sweep, uri: str):
     else:
         parent = Tracker(sweep.experiment, sweep.name, tracking_uri=uri, tags=tags)
     if not parent.active:
-        raise RuntimeError(f"cannot open the sweep's parent run in MLflow at {uri} (see the warning above)")
+        return None
     parent.log_artifact(sweep.path, "sweep")
     return parent
 
@@ -497,11 +510,16 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
               tracking_uri: str | None = None, kernel_name: str | None = None, echo=print, executor=None):
     """Run every point of a sweep file (see the module docstring); returns the summary DataFrame (point, axes,
     status FINISHED / FAILED / SKIPPED / PLANNED, duration_s, run_id, metrics). Executed notebooks are kept in
-    `out_dir` (default runs/sweeps/<name>/) and logged to their child runs under notebook/."""
+    `out_dir` (default runs/sweeps/<name>/) and logged to their child runs under notebook/. `out_dir` is locked
+    while the sweep runs (a second sweep into it is refused); with MLflow unavailable (tracking.store_problem) every
+    point still runs, untracked."""
     import pandas as pd
 
-    from .tracking import default_tracking_uri
+    from .outputs import check_writable, locked
+    from .tracking import default_tracking_uri, store_problem
 
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise SweepError(f"--jobs {jobs!r}: give a positive number of parallel points")
     sweep = load_sweep(path)
     points = sweep.select(only)
     uri = tracking_uri or default_tracking_uri()
@@ -516,10 +534,27 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
         echo(plan.to_string(index=False))
         return plan
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    parent = _open_parent(sweep, uri)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SweepError(f"--out-dir {out_dir} is a file; give a folder")
+    check_writable(out_dir, "--out-dir")
+    with locked(out_dir, f"hylo-lab sweep {sweep.name}"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        problem = store_problem(uri)
+        if problem:  # run every point anyway: the notebooks' own Trackers go on without logging too
+            print(f"[hylo_lab] MLflow unavailable, the sweep runs without tracking (no finished point can be "
+                  f"skipped, no metrics in the summary): {problem}", file=sys.stderr)
+        parent = None if problem else _open_parent(sweep, uri)
+        return _run_points(sweep, points, parent, uri, out_dir, jobs, kernel_name, echo, executor)
+
+
+def _run_points(sweep: Sweep, points: list[dict], parent, uri: str, out_dir: Path, jobs: int, kernel_name, echo,
+                executor=None):
+    """run_sweep's work once the folder is locked; `parent` None: MLflow is unavailable, nothing is tracked."""
+    import pandas as pd
+
+    axes = sweep.axes
     finished = {}
-    for run in child_runs(parent.run_id, sweep.experiment, uri):
+    for run in child_runs(parent.run_id, sweep.experiment, uri) if parent else []:
         if run["status"] == "FINISHED":
             finished.setdefault((run["tags"].get("point_key"), run["tags"].get("params_hash")), run)
 
@@ -536,12 +571,13 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
         tags = dict(sweep_name=sweep.name, point_key=key, params_hash=digest, sweep_point=json.dumps(shown),
                     notebook=_display_path(sweep.notebook), **{k: str(v) for k, v in shown.items()})
         tasks.append(dict(key=key, parameters=params, tags=tags, experiment=sweep.experiment, tracking_uri=uri,
-                          parent_run_id=parent.run_id, notebook=str(sweep.notebook),
+                          parent_run_id=parent.run_id if parent else "", track=parent is not None,
+                          notebook=str(sweep.notebook),
                           output=str(out_dir / f"{_slug(key)}.ipynb"), kernel_name=kernel_name, cwd=None))
 
     echo(f"sweep {sweep.name!r}: {len(points)} point(s), {len(skipped)} already finished, running {len(tasks)} "
-         f"with {min(jobs, max(len(tasks), 1))} job(s); parent run {parent.run_id} in experiment "
-         f"{sweep.experiment!r} at {uri}")
+         f"with {min(jobs, max(len(tasks), 1))} job(s); "
+         + (f"parent run {parent.run_id} in experiment {sweep.experiment!r} at {uri}" if parent else "not tracked"))
     results = {}
     try:
         for i, result in enumerate((executor or _execute)(tasks, jobs), 1):  # executor: executors.RayExecutor
@@ -549,8 +585,15 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
             note = f"  ({result['error']})" if result["error"] else ""
             echo(f"[{i}/{len(tasks)}] {result['key']}: {result['status']} in {result['duration_s']:.1f} s{note}")
     except KeyboardInterrupt:
-        parent.end("KILLED")
+        if parent:
+            parent.end("KILLED")
         raise
+    if parent is None:
+        summary = pd.DataFrame([dict(point=point_key(p), **sweep.axis_values(p), status=results[point_key(p)]["status"],
+                                     duration_s=results[point_key(p)]["duration_s"], run_id=None) for p in points],
+                               columns=["point", *axes, "status", "duration_s", "run_id"])
+        summary.attrs.update(parent_run_id=None, tracking_uri=uri, out_dir=str(out_dir))
+        return _report(summary, out_dir, echo)
 
     runs = child_runs(parent.run_id, sweep.experiment, uri)
     latest = runs_frame(runs, axes)
@@ -567,6 +610,13 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
     summary = runs_frame(rows, axes, sweep.metrics, newest_first=False)
     summary.loc[summary.point.isin(list(skipped)), "status"] = "SKIPPED"
     summary.attrs.update(parent_run_id=parent.run_id, tracking_uri=uri, out_dir=str(out_dir))
+    return _report(summary, out_dir, echo)
+
+
+def _report(summary, out_dir: Path, echo):
+    """Prints the summary table and which points failed; returns the summary."""
+    import pandas as pd
+
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4g}".format):
         echo(summary.drop(columns=["run_id"]).to_string(index=False))
     failed = summary.point[summary.status == "FAILED"].tolist()

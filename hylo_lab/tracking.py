@@ -3,6 +3,8 @@
 Conventions (architecture.md): one run per execution; params = the flattened config, logged once; metric names
 `split/name[/sub]`; artifacts under `notebook/`, `figures/`, `tables/`. MLflow being unreachable or failing is
 reported once on stderr and the run goes on without logging: losing a metric must never lose the training.
+`store_problem` finds an unreachable server or an unwritable store within seconds, before MLflow's own retries
+(minutes) start.
 """
 
 from __future__ import annotations
@@ -17,6 +19,64 @@ import warnings
 from pathlib import Path
 
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./ :]")
+_PROBED: dict[str, str | None] = {}  # uri -> the problem found (None: usable), probed once per process
+_REPORTED: set[str] = set()  # uris whose problem was already printed
+
+
+class TrackingUnavailable(RuntimeError):
+    """A reader (find_runs) cannot reach the MLflow store: the message says which store and why."""
+
+
+def _writable_folder(folder: Path) -> str | None:
+    """None when a file can be created in `folder` or, if it does not exist yet, in its nearest existing parent."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or exc})"
+    return None
+
+
+def store_problem(uri: str, timeout: float = 3.0) -> str | None:
+    """Why the MLflow store at `uri` cannot be used, or None. Checked once per process and uri, in at most about
+    `timeout` seconds: http(s) -> the server answers at all (any HTTP status counts); sqlite:///path -> the file, or
+    the folder that will hold it, can be written; file:// or a plain path -> its folder can be written. Other
+    schemes (databricks, ...) are left to MLflow."""
+    if uri in _PROBED:
+        return _PROBED[uri]
+    problem = None
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            problem = f"the MLflow server at {uri} does not answer ({reason})"
+    elif uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?")[0]
+        if path and path != ":memory:":
+            path = Path(path)
+            if path.is_dir():
+                problem = f"{path} is a folder, not a database file"
+            elif path.exists() and not os.access(path, os.W_OK):
+                problem = f"{path} is read-only"
+            else:
+                problem = _writable_folder(path.parent)
+    elif uri.startswith("file:") or "://" not in uri:
+        from urllib.parse import urlparse
+
+        problem = _writable_folder(Path(urlparse(uri).path if uri.startswith("file:") else uri))
+    _PROBED[uri] = problem
+    return problem
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -53,12 +113,16 @@ class Tracker:
                  enabled: bool = True):
         self.run_id = None
         self._mlflow = None
+        self.tracking_uri = None
         if not enabled:
             return
+        uri = self.tracking_uri = tracking_uri or default_tracking_uri()
         try:
+            problem = store_problem(uri)
+            if problem:
+                raise TrackingUnavailable(problem)
             import mlflow
 
-            uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
             mlflow.set_tracking_uri(uri)
             mlflow.set_experiment(experiment)
             all_tags = {"git_sha": git_sha(), **(tags or {})}
@@ -71,18 +135,24 @@ class Tracker:
                 exp = client.get_experiment_by_name(experiment)
                 run = client.create_run(exp.experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name)
                 self.run_id = run.info.run_id
-            self._client, self._mlflow, self.tracking_uri = client, mlflow, uri
+            self._client, self._mlflow = client, mlflow
         except Exception as exc:  # unreachable server, bad URI, missing package
-            self._report(exc)
+            self._report(exc, uri)
 
     @property
     def active(self) -> bool:
         return self._mlflow is not None
 
-    def _report(self, exc):
-        warnings.warn(f"MLflow logging disabled: {type(exc).__name__}: {exc}", stacklevel=3)
-        print(f"[hylo_lab] MLflow unavailable, continuing without logging ({type(exc).__name__}: {exc})", file=sys.stderr)
+    def _report(self, exc, uri=None):
+        """Once per store and process: a warning, and one line on stderr (the CLI silences the warning)."""
         self._mlflow = None
+        uri = uri or self.tracking_uri
+        if uri in _REPORTED:
+            return
+        _REPORTED.add(uri)
+        what = str(exc) if isinstance(exc, TrackingUnavailable) else f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"MLflow logging disabled: {what}", stacklevel=3)
+        print(f"[hylo_lab] MLflow unavailable, continuing without logging: {what}", file=sys.stderr)
 
     def _call(self, method: str, *args, **kwargs):
         """Calls MlflowClient.<method>; a failure is reported once and disables logging."""
@@ -119,6 +189,10 @@ class Tracker:
     def set_tags(self, tags: dict):
         for k, v in tags.items():
             self._call("set_tag", self.run_id, k, str(v))
+
+    def get_tags(self) -> dict:
+        run = self._call("get_run", self.run_id)
+        return dict(run.data.tags) if run is not None else {}
 
     def log_artifact(self, path, artifact_path: str | None = None):
         path = Path(path)
@@ -164,10 +238,17 @@ def find_runs(experiment: str | None = None, filter_string: str = "", *, trackin
     """Runs matching an MLflow filter (e.g. "tags.sweep_name = 'yarn'"), newest first, as plain dicts {run_id,
     run_name, experiment, experiment_id, status, start_time, end_time, tags, params, metrics (latest values)}.
     `experiment=None` searches every experiment; an experiment that does not exist has no runs. Unlike
-    Tracker, errors are raised: a reader has nothing to protect."""
+    Tracker, errors are raised (TrackingUnavailable for a store that cannot be reached): a reader has nothing to
+    protect."""
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):].split("?")[0]).exists():
+        return []  # no database, no runs (and no empty database created by reading)
+    problem = store_problem(uri)
+    if problem:
+        raise TrackingUnavailable(problem)
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    client = mlflow.MlflowClient(tracking_uri=uri)
     if experiment is None:
         experiments, token = [], None
         while True:

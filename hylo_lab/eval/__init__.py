@@ -9,16 +9,19 @@ Suites: ruler (ruler.py), niah (niah.py), ppl (perplexity.py), harness (harness.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+from ..errors import UserError
 from .niah import DEFAULT_DEPTHS
 
 SUITES = ("ruler", "niah", "ppl", "harness", "efficiency")
 
 
-def load_model(path, *, device=None, dtype=None):
+def load_model(path, *, device=None, dtype=None, tokenizer: bool = True):
     """(model, tokenizer) from a saved folder (a HyLo checkpoint or any transformers causal LM), in eval mode
-    on `device` (default: cuda when available) with `dtype` ("bfloat16", "float32", a torch dtype, None=as saved)."""
+    on `device` (default: cuda when available) with `dtype` ("bfloat16", "float32", a torch dtype, None=as saved);
+    tokenizer=False skips loading the tokenizer (None is returned in its place)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,22 +30,127 @@ def load_model(path, *, device=None, dtype=None):
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(str(path))
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(str(path)) if tokenizer else None
 
 
 def load_documents(source) -> list:
     """Documents for perplexity: a list (texts or token lists) as is; a .jsonl path (field "text" of each line),
-    a .txt file (one document), or a folder of .txt files (one document each, sorted)."""
+    a .txt file (one document), or a folder of .txt files (one document each, sorted). A path that is missing,
+    unreadable, malformed or holds no document raises UserError."""
     import json
 
     if not isinstance(source, (str, Path)):
         return source
     p = Path(source)
-    if p.is_dir():
-        return [f.read_text(encoding="utf-8") for f in sorted(p.rglob("*.txt"))]
-    if p.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [p.read_text(encoding="utf-8")]
+    try:
+        if p.is_dir():
+            docs = [f.read_text(encoding="utf-8") for f in sorted(p.rglob("*.txt"))]
+        elif p.suffix == ".jsonl":
+            docs = []
+            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise UserError(f"documents {p}:{n}: each line must be a JSON object with a string 'text'")
+                    docs.append(record["text"])
+        else:
+            docs = [p.read_text(encoding="utf-8")]
+    except FileNotFoundError:
+        raise UserError(f"documents {p}: no such file or folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"documents {p}: cannot be read ({exc})") from None
+    if not any(d.strip() for d in docs):
+        raise UserError(f"documents {p}: holds no text (a .jsonl with 'text' fields, a .txt file or a folder of .txt)")
+    return docs
+
+
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises OSError, ValueError or TypeError for a missing tokenizer
+        raise UserError(f"{path} has no usable tokenizer ({type(exc).__name__}); save it beside the weights with "
+                        "tokenizer.save_pretrained(folder)") from None
+
+
+def check_request(model, suites, *, lengths, tasks, depths, niah_task, num_samples, haystack, qa_file, documents,
+                  position_length, bucket_size, harness_tasks, include_path, num_fewshot, limit, batch_size,
+                  prefill_chunk, decode_tokens, device, dtype, check_harness: bool = True) -> None:
+    """Every check `evaluate` can make without weights (lm-eval's tasks and their data too, unless
+    check_harness=False); raises UserError naming each bad value."""
+    import torch
+
+    from ..data import tasks as T
+
+    problems = []
+
+    def positive(name, value, minimum=1, optional=False):
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            problems.append(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown or not suites:
+        problems.append(f"unknown suite(s) {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
+                        f"{', '.join(SUITES)}")
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.exists():
+            problems.append(f"model {path}: no such folder")
+        elif not path.is_dir() or not (path / "config.json").is_file():
+            problems.append(f"model {path}: not a saved model folder (no config.json)")
+    if not lengths:
+        problems.append("give at least one length")
+    for n in lengths:
+        positive("every length", n)
+    if tasks is not None:
+        bad = [t for t in tasks if t not in T.RULER_TASKS]
+        if bad or not tasks:
+            problems.append(f"unknown RULER task(s) {', '.join(map(repr, bad))}; choose from {', '.join(T.RULER_TASKS)}")
+    if "niah" in suites:
+        if niah_task not in T.NIAH_TASKS:
+            problems.append(f"the NIAH grid needs a niah_* task, got {niah_task!r}; choose from "
+                            f"{', '.join(T.NIAH_TASKS)}")
+        if not depths or any(not 0 <= d <= 1 for d in depths):
+            problems.append(f"depths must lie in [0, 1], got {list(depths)}")
+    positive("num_samples", num_samples)
+    positive("batch_size", batch_size)
+    positive("prefill_chunk", prefill_chunk, 0, optional=True)
+    positive("decode_tokens", decode_tokens)
+    positive("position_length", position_length, optional=True)
+    positive("bucket_size", bucket_size, optional=True)
+    positive("num_fewshot", num_fewshot, 0, optional=True)
+    if limit is not None and not limit > 0:
+        problems.append(f"limit must be > 0 (docs per task, or a fraction below 1), got {limit!r}")
+    if haystack not in (None, "noise", "essay") and not Path(haystack).exists():
+        problems.append(f"haystack {haystack!r}: choose noise, essay, or an existing .txt file or folder")
+    if qa_file is not None and (tasks is None or any(t.startswith("qa_") for t in tasks)) and "ruler" in suites:
+        try:
+            T.load_qa_records(qa_file)
+        except (ValueError, OSError) as exc:
+            problems.append(f"qa_file {qa_file}: {exc}")
+    if "ppl" in suites and documents is None:
+        problems.append("the ppl suite needs documents (a .jsonl with 'text' fields, a .txt file or a folder of .txt)")
+    if include_path is not None and not Path(include_path).exists():
+        problems.append(f"include_path {include_path}: no such file or folder")
+    if device is not None:
+        try:
+            dev = torch.device(device)
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"device {device!r}: no CUDA device here; leave --device out or use cpu")
+        except (RuntimeError, ValueError):
+            problems.append(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if isinstance(dtype, str) and dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        problems.append(f"dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16, ...)")
+    if problems:
+        raise UserError("; ".join(problems))
+    if "harness" in suites and check_harness:
+        from .harness import PAPER_HARNESS_TASKS, check_tasks, task_manager
+
+        names = harness_tasks or PAPER_HARNESS_TASKS
+        check_tasks(names, task_manager(names, include_path))
 
 
 def evaluate(model, suite="ruler", *, tokenizer=None, lengths=(1024,), tasks=None, depths=DEFAULT_DEPTHS,
@@ -59,67 +167,96 @@ def evaluate(model, suite="ruler", *, tokenizer=None, lengths=(1024,), tasks=Non
 
     Results go to `out_dir/<suite>[_<label>]` and to `tracker` under metric names carrying `label`, so several
     models (teacher, upcycled students) can be logged side by side in one MLflow run.
+    Every input that needs no weights is checked first (check_request: UserError), and `out_dir` must be
+    writable; its suite folders are written beside it and moved into place only when every suite has run.
     """
     suites = [s.strip() for s in suite.split(",")] if isinstance(suite, str) else list(suite)
-    unknown = [s for s in suites if s not in SUITES]
-    if unknown:
-        raise ValueError(f"unknown suite(s) {unknown}; choose from {SUITES}")
+    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+    check_request(model, suites, lengths=lengths, tasks=tasks, depths=depths, niah_task=niah_task,
+                  num_samples=num_samples, haystack=haystack, qa_file=qa_file, documents=documents,
+                  position_length=position_length, bucket_size=bucket_size, harness_tasks=harness_tasks,
+                  include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                  prefill_chunk=prefill_chunk, decode_tokens=decode_tokens, device=device, dtype=dtype)
+    if "ppl" in suites:
+        documents = load_documents(documents)
+    if out_dir is not None:
+        from ..outputs import check_writable
+
+        out_dir = check_writable(out_dir, "out_dir")
     if isinstance(model, (str, Path)):
-        model, loaded_tok = load_model(model, device=device, dtype=dtype)
-        tokenizer = tokenizer or loaded_tok
+        if tokenizer is None and any(s != "efficiency" for s in suites):
+            tokenizer = _load_tokenizer(model)
+        model, _ = load_model(model, device=device, dtype=dtype, tokenizer=False)
     elif device is not None or dtype is not None:
         import torch
 
         model = model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     model.eval()
     if tokenizer is None and any(s != "efficiency" for s in suites):
-        raise ValueError("pass tokenizer= (only the efficiency suite runs without one)")
-    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+        raise UserError("pass tokenizer= (only the efficiency suite runs without one)")
+    with contextlib.ExitStack() as stack:
+        stage = None
+        if out_dir is not None:
+            from ..outputs import staged
+
+            stage = stack.enter_context(staged(out_dir))
+        results = _run_suites(model, suites, stage, locals())
+    for res in results.values():
+        if isinstance(res, dict) and res.get("out_dir") is not None:
+            res["out_dir"] = out_dir / Path(res["out_dir"]).name
+    return results
+
+
+def _run_suites(model, suites, stage, args: dict) -> dict:
+    """evaluate's loop over suites (`args`: evaluate's arguments), writing under the folder `stage` when given."""
+    from types import SimpleNamespace
+
+    a = SimpleNamespace(**args)
 
     def where(name):
-        return None if out_dir is None else Path(out_dir) / f"{name}{'_' + label if label else ''}"
+        return None if stage is None else Path(stage) / f"{name}{'_' + a.label if a.label else ''}"
 
-    common = dict(batch_size=batch_size, prefill_chunk=prefill_chunk, tracker=tracker, label=label)
+    common = dict(batch_size=a.batch_size, prefill_chunk=a.prefill_chunk, tracker=a.tracker, label=a.label)
     results = {}
     for s in suites:
         if s == "ruler":
             from ..data.tasks import RULER_TASKS
             from .ruler import run_ruler
 
-            results[s] = run_ruler(model, tokenizer, lengths, tasks=tasks or RULER_TASKS, num_samples=num_samples,
-                                   seed=seed, haystack=haystack, qa_file=qa_file, out_dir=where(s), **common)
+            results[s] = run_ruler(model, a.tokenizer, a.lengths, tasks=a.tasks or RULER_TASKS,
+                                   num_samples=a.num_samples, seed=a.seed, haystack=a.haystack, qa_file=a.qa_file,
+                                   out_dir=where(s), **common)
         elif s == "niah":
             from .niah import run_niah_grid
 
-            results[s] = run_niah_grid(model, tokenizer, lengths, depths, task=niah_task, num_samples=num_samples,
-                                       seed=seed, haystack=haystack, out_dir=where(s), **common)
+            results[s] = run_niah_grid(model, a.tokenizer, a.lengths, a.depths, task=a.niah_task,
+                                       num_samples=a.num_samples, seed=a.seed, haystack=a.haystack, out_dir=where(s),
+                                       **common)
         elif s == "ppl":
             from .perplexity import run_perplexity
 
-            if documents is None:
-                raise ValueError("the ppl suite needs documents= (texts, token lists, a .jsonl/.txt path or a folder)")
-            results[s] = run_perplexity(model, load_documents(documents), lengths, tokenizer=tokenizer,
-                                        position_length=position_length, bucket_size=bucket_size, out_dir=where(s),
-                                        **common)
+            results[s] = run_perplexity(model, a.documents, a.lengths, tokenizer=a.tokenizer,
+                                        position_length=a.position_length, bucket_size=a.bucket_size,
+                                        out_dir=where(s), **common)
         elif s == "harness":
             from .harness import PAPER_HARNESS_TASKS, run_harness
 
-            results[s] = run_harness(model, tokenizer, harness_tasks or PAPER_HARNESS_TASKS,
-                                     include_path=include_path, num_fewshot=num_fewshot, batch_size=batch_size,
-                                     limit=limit, seed=seed, tracker=tracker, out_dir=where(s), label=label)
+            results[s] = run_harness(model, a.tokenizer, a.harness_tasks or PAPER_HARNESS_TASKS,
+                                     include_path=a.include_path, num_fewshot=a.num_fewshot, batch_size=a.batch_size,
+                                     limit=a.limit, seed=a.seed, tracker=a.tracker, out_dir=where(s), label=a.label)
         else:
             from .efficiency import measure_efficiency
 
-            rows = measure_efficiency(model, lengths, batch_size=batch_size, prefill_chunk=prefill_chunk,
-                                      decode_tokens=decode_tokens, seed=seed, tracker=tracker, label=label)
-            if out_dir is not None:
+            rows = measure_efficiency(model, a.lengths, batch_size=a.batch_size, prefill_chunk=a.prefill_chunk,
+                                      decode_tokens=a.decode_tokens, seed=a.seed, tracker=a.tracker, label=a.label)
+            if stage is not None:
                 import pandas as pd
 
                 from ..plots import efficiency_figure
 
                 where(s).mkdir(parents=True, exist_ok=True)
                 pd.DataFrame(rows).to_csv(where(s) / "efficiency.csv", index=False)
-                efficiency_figure(rows, title=f"efficiency {label}".strip()).savefig(
+                efficiency_figure(rows, title=f"efficiency {a.label}".strip()).savefig(
                     where(s) / f"{where(s).name}.png", dpi=120, bbox_inches="tight")
             results[s] = rows
     return results
@@ -153,4 +290,4 @@ def summary_text(results: dict) -> str:
     return "\n\n".join(parts)
 
 
-__all__ = ["evaluate", "load_model", "load_documents", "summary_text", "SUITES"]
+__all__ = ["evaluate", "check_request", "load_model", "load_documents", "summary_text", "SUITES"]
