@@ -67,7 +67,7 @@ def run_case(label: str, dtype_name: str) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     from hylo_lab.config import BASE_SHAPES
-    from hylo_lab.upcycle import upcycle_to_dir
+    from hylo_lab.upcycle_io import upcycle_to_dir
 
     _, shape_name, kwargs = next(c for c in CASES if c[0] == label)
     dtype = getattr(torch, dtype_name)

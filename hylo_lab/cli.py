@@ -35,9 +35,9 @@ def cmd_smoke(args):
 
 
 def cmd_upcycle(args):
-    """Base checkpoint -> hybrid directory (hylo_lab.upcycle.upcycle_to_dir); prints plan, params, cache."""
+    """Base checkpoint -> hybrid directory (hylo_lab.upcycle_io.upcycle_to_dir); prints plan, params, cache."""
     from hylo_lab.outputs import check_writable
-    from hylo_lab.upcycle import upcycle_to_dir
+    from hylo_lab.upcycle_io import upcycle_to_dir
 
     check_writable(args.out, "--out")
     kwargs = dict(layout=args.layout, mla_layers=_numbers(args.mla_layers, int, "--mla-layers") if args.mla_layers else None,
@@ -51,7 +51,7 @@ def cmd_upcycle(args):
 
 def cmd_info(args):
     """Layer plan, parameter count and cache footprint vs the base for a saved hybrid or a preset."""
-    from hylo_lab.upcycle import info_text
+    from hylo_lab.describe import info_text
 
     print(info_text(args.target, _numbers(args.seq_lens, int, "--seq-lens")))
 
@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mla-layers", help="explicit 0-based MLA layer indices, e.g. 1,5,10,14")
     p.add_argument("--select", choices=("uniform", "smart"), help="place the layout's MLA layers evenly or by SMART")
     p.add_argument("--preset", help="a paper preset, e.g. llama3.2-1b/4MLA12GDN (layers and dims)")
-    p.add_argument("--linear", choices=("gdn", "mamba2"), help="linear block for --mla-layers without --layout")
+    p.add_argument("--linear", help="linear block for --mla-layers without --layout: gdn | mamba2 (a linear row of "
+                                    "hylo_lab.mixers.MIXERS)")
     p.add_argument("--q-lora-rank", type=int, help="query latent rank (0 = no query compression)")
     p.add_argument("--kv-lora-rank", type=int, help="KV latent rank")
     p.add_argument("--qk-rope-head-dim", type=int, help="MLA RoPE width per head (a divisor of head_dim)")
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole toy HyLo recipe end to end (teachers, upcycle, ILD, KD + YaRN, "
                                     "evaluation at 1x-32x, report)")
     p.add_argument("--quick", action="store_true", help="tiny models and few steps: every step in about a minute (CI)")
-    p.add_argument("--linear", choices=("gdn", "mamba2"), default="gdn", help="linear block of the hybrid (default gdn)")
+    p.add_argument("--linear", default="gdn", help="linear block of the hybrid: gdn (default) | mamba2 (a linear row "
+                                                   "of hylo_lab.mixers.MIXERS)")
     p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick with --quick)")
     p.add_argument("--experiment", default="quickstart", help="MLflow experiment (default quickstart)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)")

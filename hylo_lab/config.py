@@ -12,10 +12,8 @@ import re
 
 from transformers import PretrainedConfig
 
-MIXERS = ("mla", "mamba2", "gdn", "attention")
-LINEAR_MIXERS = ("mamba2", "gdn")
-# Layout-string block names -> mixer names ("4MLA12GDN", "4MLA12M2", "2ATTN14GDN").
-LAYOUT_NAMES = {"MLA": "mla", "GDN": "gdn", "M2": "mamba2", "MAMBA2": "mamba2", "ATTN": "attention", "ATTENTION": "attention"}
+from .mixers import MIXERS, layout_names
+
 KERNEL_BACKENDS = ("auto", "torch", "fla", "mamba_ssm")
 
 # Base shapes of the paper's models (public config.json values) and the MLA / GDN dimensions the paper uses
@@ -58,11 +56,30 @@ PAPER_MLA_LAYERS = {
     ("qwen3-1.7b", 7): [1, 5, 9, 13, 17, 21, 25],
     ("qwen3-1.7b", 14): list(range(0, 28, 2)),
 }
+PAPER_LINEAR = ("gdn", "mamba2")
 PRESETS = {
-    f"{base}/{n}MLA{BASE_SHAPES[base]['num_hidden_layers'] - n}{lin}": (base, idx, mixer)
+    f"{base}/{n}MLA{BASE_SHAPES[base]['num_hidden_layers'] - n}{MIXERS[lin].code}": (base, idx, lin)
     for (base, n), idx in PAPER_MLA_LAYERS.items()
-    for lin, mixer in (("GDN", "gdn"), ("M2", "mamba2"))
+    for lin in PAPER_LINEAR
 }
+
+
+def layout_parts(layout: str) -> list[tuple[int, str]]:
+    """'4MLA12GDN' -> [(4, 'mla'), (12, 'gdn')] (names from mixers.MIXERS, any case, spaces ignored)."""
+    text = layout.replace(" ", "")
+    names = layout_names()
+    alternatives = "|".join(sorted(names, key=len, reverse=True))
+    parts = re.findall(rf"(\d+)({alternatives}|[A-Za-z]+\d*)", text, flags=re.IGNORECASE)
+    if not parts or "".join(n + name for n, name in parts) != text:
+        raise ValueError(f"cannot parse layout {layout!r}: expected counts and block names like '4MLA12GDN' "
+                         f"(block names: {', '.join(names)})")
+    out = []
+    for n, name in parts:
+        mixer = names.get(name.upper())
+        if mixer is None:
+            raise ValueError(f"unknown block name {name!r} in layout {layout!r}; known: {', '.join(names)}")
+        out.append((int(n), mixer))
+    return out
 
 
 def parse_layout(layout: str, num_layers: int, mla_layers=None, attention_layers=None) -> list[str]:
@@ -71,22 +88,13 @@ def parse_layout(layout: str, num_layers: int, mla_layers=None, attention_layers
     Placement: MLA and attention layers at the given indices, or evenly spaced when none are given; every
     other layer takes the layout's single linear block type.
     """
-    text = layout.replace(" ", "")
-    names = "|".join(sorted(LAYOUT_NAMES, key=len, reverse=True))
-    parts = re.findall(rf"(\d+)({names}|[A-Za-z]+\d*)", text, flags=re.IGNORECASE)
-    if not parts or "".join(n + name for n, name in parts) != text:
-        raise ValueError(f"cannot parse layout {layout!r}: expected counts and block names like '4MLA12GDN' "
-                         f"(block names: {', '.join(LAYOUT_NAMES)})")
     counts: dict[str, int] = {}
-    for n, name in parts:
-        mixer = LAYOUT_NAMES.get(name.upper())
-        if mixer is None:
-            raise ValueError(f"unknown block name {name!r} in layout {layout!r}; known: {', '.join(LAYOUT_NAMES)}")
-        counts[mixer] = counts.get(mixer, 0) + int(n)
+    for n, mixer in layout_parts(layout):
+        counts[mixer] = counts.get(mixer, 0) + n
     total = sum(counts.values())
     if total != num_layers:
         raise ValueError(f"layout {layout!r} describes {total} layers but the model has {num_layers}")
-    linear = [m for m in counts if m in LINEAR_MIXERS]
+    linear = [m for m in counts if MIXERS[m].linear]
     if len(linear) > 1:
         raise ValueError(f"layout {layout!r} mixes {linear}: give `mixers` per layer explicitly for that")
     mixers = [linear[0] if linear else None] * num_layers
@@ -115,9 +123,9 @@ def evenly_spaced(k: int, n: int) -> list[int]:
 
 
 def format_layout(mixers: list[str]) -> str:
-    """['gdn', 'mla', ...] -> '4MLA12GDN' (MLA, attention, then linear blocks, as the paper writes them)."""
-    short = {"mla": "MLA", "attention": "ATTN", "gdn": "GDN", "mamba2": "M2"}
-    return "".join(f"{mixers.count(m)}{name}" for m, name in short.items() if m in mixers)
+    """['gdn', 'mla', ...] -> '4MLA12GDN' (in mixers.MIXERS order: MLA, attention, then linear blocks, as the
+    paper writes them)."""
+    return "".join(f"{mixers.count(m)}{row.code}" for m, row in MIXERS.items() if m in mixers)
 
 
 class HyloConfig(PretrainedConfig):
@@ -202,7 +210,7 @@ class HyloConfig(PretrainedConfig):
         self.mla_latent_norm = mla_latent_norm
         self.mla_bias = mla_bias
         self.mla_rope_parameters = dict(mla_rope_parameters or self.rope_parameters)
-        # Upcycled: which of the base head's head_dim/2 RoPE frequencies the MLA rotates (upcycle.rope_pairs);
+        # Upcycled: which of the base head's head_dim/2 RoPE frequencies the MLA rotates (layers.mla.rope_pairs);
         # None: the MLA's own qk_rope_head_dim frequencies (layers.common.mla_rotary).
         self.mla_rope_pairs = None if mla_rope_pairs is None else [int(j) for j in mla_rope_pairs]
         self.mamba2_state_size = mamba2_state_size or self.head_dim
@@ -228,7 +236,7 @@ class HyloConfig(PretrainedConfig):
             raise ValueError(f"mixers lists {len(self.mixers)} layers but num_hidden_layers is {n}")
         unknown = sorted({m for m in self.mixers if m not in MIXERS})
         if unknown:
-            raise ValueError(f"unknown mixer(s) {unknown}; each layer must be one of {MIXERS}")
+            raise ValueError(f"unknown mixer(s) {unknown}; each layer must be one of {tuple(MIXERS)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")

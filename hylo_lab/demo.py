@@ -35,7 +35,6 @@ BASE = "llama-s"  # the teacher that is upcycled (stage 1's teacher too)
 # varied (essay) haystack (RULER's S-NIAH 1 and 2): what the toy teachers learn (data.toy.TEACHER_NIAH_TASKS).
 # Every task's score is logged on its own as well.
 NIAH_TASKS = TEACHER_NIAH_TASKS
-LINEAR_NAMES = {"gdn": "GDN", "mamba2": "M2"}
 DEFAULT_OUT = "runs/demo"
 # Weight of next-token cross-entropy next to the KL in the last stage-2 stage (build_recipe says why). Measured on
 # the toy world (README): NIAH at 8192 tokens 0.17 with KL only, 0.50 with this term; perplexity also better.
@@ -66,8 +65,10 @@ class DemoSettings:
         problems = []
         if self.teacher != "none" and self.teacher not in TEACHERS:
             problems.append(f"teacher={self.teacher!r}: choose 'none' or one of {', '.join(TEACHERS)}")
-        if self.linear not in LINEAR_NAMES:
-            problems.append(f"linear={self.linear!r}: choose gdn or mamba2")
+        from .mixers import linear_mixers
+
+        if self.linear not in linear_mixers():
+            problems.append(f"linear={self.linear!r}: choose one of {', '.join(linear_mixers())}")
         for name in ("stage2_seq_len", "stage2_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
@@ -105,20 +106,14 @@ class DemoSettings:
     @property
     def student_layout(self) -> str:
         """The layout with the chosen linear block: '2MLA2GDN' + linear=mamba2 -> '2MLA2M2'."""
-        from .config import LAYOUT_NAMES, LINEAR_MIXERS
+        from .config import layout_parts
+        from .mixers import MIXERS
 
-        import re
-
-        names = "|".join(sorted(LAYOUT_NAMES, key=len, reverse=True))
-        parts = re.findall(rf"(\d+)({names})", self.layout.replace(" ", ""), flags=re.IGNORECASE)
-        if not parts or "".join(n + b for n, b in parts) != self.layout.replace(" ", ""):
-            raise ValueError(f"layout={self.layout!r}: expected counts and block names like '2MLA2GDN'")
         out = []
-        for n, block in parts:
-            mixer = LAYOUT_NAMES.get(block.upper())
-            if mixer not in ("mla",) + LINEAR_MIXERS:
+        for n, mixer in layout_parts(self.layout):
+            if mixer != "mla" and not MIXERS[mixer].linear:
                 raise ValueError(f"layout={self.layout!r}: the demo's student has MLA and linear blocks only")
-            out.append(f"{n}{'MLA' if mixer == 'mla' else LINEAR_NAMES[self.linear]}")
+            out.append(f"{n}{MIXERS[mixer if mixer == 'mla' else self.linear].code}")
         return "".join(out)
 
     @property

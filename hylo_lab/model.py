@@ -2,7 +2,8 @@
 
     h = x + mixer(input_layernorm(x));  out = h + mlp(post_attention_layernorm(h))
 
-mixer is MLA, Mamba2, GatedDeltaNet or the base's own attention, chosen by `config.mixers[i]`.
+mixer is MLA, Mamba2, GatedDeltaNet or the base's own attention (a row of mixers.MIXERS), chosen by
+`config.mixers[i]`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import HyloCache
 from .config import HyloConfig
-from .layers.attention import Attention
 from .layers.common import MLP, RMSNorm, Rotary, mla_rotary
-from .layers.gdn import GatedDeltaNet
-from .layers.mamba2 import Mamba2
-from .layers.mla import MLA
+from .mixers import MIXERS
 
-MIXER_CLASSES = {"mla": MLA, "attention": Attention, "gdn": GatedDeltaNet, "mamba2": Mamba2}
 # Newer transformers (5.25 here) pass and return the cache as `cache` and warn on `past_key_values`; older ones
 # (5.17) know only `past_key_values`. forward() takes either; outputs and generation inputs use the installed name.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -41,7 +38,7 @@ class HyloDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.mixer_type = config.mixers[layer_idx]
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mixer = MIXER_CLASSES[self.mixer_type](config, layer_idx)
+        self.mixer = MIXERS[self.mixer_type].cls(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
 
@@ -49,7 +46,7 @@ class HyloDecoderLayer(GradientCheckpointingLayer):
         """rope: {"mla": (cos, sin), "attention": (cos, sin)}. Returns the layer output, and the mixer output
         too when `return_mixer_output` (Enhanced-ILD compares both)."""
         x = self.input_layernorm(hidden_states)
-        if self.mixer_type in ("mla", "attention"):
+        if rope and self.mixer_type in rope:  # the mixers with a Rotary in HyloModel.rotary
             a = self.mixer(x, rope=rope[self.mixer_type], state=state, attention_mask=attention_mask)
         else:
             a = self.mixer(x, state=state, attention_mask=attention_mask)

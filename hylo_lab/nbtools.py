@@ -110,8 +110,8 @@ def upcycle_options(*, mla_layers: str = "", linear: str = "gdn", layout: str = 
 
 def calibration_ids(ref: str, *, quick: bool = True, tokens: int = 2048, seq_len: int = 256, text_file: str = ""):
     """[rows, seq_len] token ids to measure KL on: `text_file`, else the toy world's held-out corpus for a toy
-    model, else seeded random ids (upcycle.calibration_batch)."""
-    from .upcycle import calibration_batch
+    model, else seeded random ids (upcycle_io.calibration_batch)."""
+    from .upcycle_io import calibration_batch
 
     if not text_file and ref.startswith("toy:"):
         from .data.toy import get_toy_world
@@ -126,14 +126,15 @@ def calibration_ids(ref: str, *, quick: bool = True, tokens: int = 2048, seq_len
 
 
 def svd_spectra(base, config, *, rope_init: str = "filled", qk_norm: str = "fold"):
-    """Singular values of the two matrices MLA factorises (upcycle.py: the per-head query rows and the stacked
+    """Singular values of the two matrices MLA factorises (layers/mla.py: the per-head query rows and the stacked
     [K_nope; V] rows), for every layer of `base` with the dims of the hybrid `config`. DataFrame(layer, matrix
     "q" | "kv", index, sigma, energy (cumulative share of sum sigma^2 up to index), rank (config's), mla
     (the layer is MLA in the plan)). matrix "q" is absent when queries are not compressed."""
     import pandas as pd
     import torch
 
-    from .upcycle import AttentionWeights, _mla_targets, base_shape, load_base_model
+    from .base_checkpoint import AttentionWeights, base_shape, load_base_model
+    from .layers.mla import attention_targets
 
     model = load_base_model(base)
     shape = base_shape(model.config)
@@ -141,7 +142,7 @@ def svd_spectra(base, config, *, rope_init: str = "filled", qk_norm: str = "fold
     rows = []
     for i, layer in enumerate(model.model.layers):
         w = AttentionWeights(layer, shape, torch.float32).fold_qk_norm(qk_norm)
-        q, _, _, _, kv, _ = _mla_targets(w, config.qk_nope_head_dim, config.qk_rope_head_dim, rope_init)
+        q, _, _, _, kv, _ = attention_targets(w, config.qk_nope_head_dim, config.qk_rope_head_dim, rope_init)
         for name, mat, rank in (("q", q, config.q_lora_rank), ("kv", kv, config.kv_lora_rank)):
             if rank is None:
                 continue
@@ -165,7 +166,8 @@ def init_kl(student, base, ids) -> float:
     import torch
     import torch.nn.functional as F
 
-    from .upcycle import kl_to_teacher, load_base_model
+    from .base_checkpoint import load_base_model
+    from .smart import kl_to_teacher
 
     teacher = load_base_model(base)
     with torch.no_grad():
@@ -173,16 +175,21 @@ def init_kl(student, base, ids) -> float:
         return kl_to_teacher(student(ids, use_cache=False).logits, target)
 
 
-def layer_kl(base, ids, kinds=("mla", "gdn", "mamba2"), **upcycle_kwargs):
+def layer_kl(base, ids, kinds=None, **upcycle_kwargs):
     """What converting one layer costs at init: for every layer i and block kind, KL(base || the base with only
     layer i converted to that kind) on `ids` (other layers keep the base's attention verbatim). One conversion
-    per layer and kind. Placement keywords (layout, mla_layers, select, linear) are ignored.
-    DataFrame(layer, kind, kl)."""
+    per layer and kind (default: every mixer of mixers.MIXERS but attention). Placement keywords (layout,
+    mla_layers, select, linear) are ignored. DataFrame(layer, kind, kl)."""
     import pandas as pd
     import torch
     import torch.nn.functional as F
 
-    from .upcycle import kl_to_teacher, load_base_model, upcycle
+    from .base_checkpoint import load_base_model
+    from .mixers import MIXERS
+    from .smart import kl_to_teacher
+    from .upcycle import upcycle
+
+    kinds = kinds or [m for m in MIXERS if m != "attention"]
 
     kw = {k: v for k, v in upcycle_kwargs.items() if k not in ("layout", "mla_layers", "select", "linear", "preset")}
     teacher = load_base_model(base)

@@ -1,7 +1,7 @@
 """RoPE (layers/common.py Rotary): the hybrid's frequencies are transformers' own, bit for bit, for every rope type.
 
 Bases are tiny Llamas / Qwen3s (hidden 64, 4 query heads of 16 dims = 8 frequency pairs). An MLA with
-qk_rope_head_dim=8 keeps base pairs 0, 2, 4, 6 (upcycle.rope_pairs); their frequencies and attention factor must
+qk_rope_head_dim=8 keeps base pairs 0, 2, 4, 6 (layers.mla.rope_pairs); their frequencies and attention factor must
 be the base's, which a Rotary over the MLA's own 8 dims does not give for yarn (its ramp is placed per dim index)
 nor for longrope (its factors are per base pair). longrope switches to its long factors once a forward sees a
 position >= original_max_position_embeddings (32 here): T=24 stays short, T=48 goes long.

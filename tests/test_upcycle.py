@@ -19,8 +19,9 @@ from transformers import (AutoModelForCausalLM, BertConfig, GPT2Config, LlamaCon
 import hylo_lab
 from hylo_lab import HyloForCausalLM
 from hylo_lab.config import BASE_SHAPES, PRESETS, HyloConfig
-from hylo_lab.upcycle import (UpcycleError, assemble, convert_all, energy_rank, hylo_config_from_base,
-                              kl_to_teacher, low_rank, plan_mixers, smart_select, upcycle)
+from hylo_lab.ops.low_rank import energy_rank, low_rank
+from hylo_lab.smart import kl_to_teacher, smart_select
+from hylo_lab.upcycle import UpcycleError, assemble, convert_all, hylo_config_from_base, plan_mixers, upcycle
 
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=64)

@@ -457,10 +457,11 @@ def validate(r: Recipe) -> list[str]:
     else:
         import inspect
 
-        from ..upcycle import upcycle
+        from ..upcycle import UpcycleOptions, upcycle
 
-        params = set(inspect.signature(upcycle).parameters) - {"base", "layout", "mla_layers", "select", "preset",
-                                                               "linear", "calibration_ids", "calibration_mask"}
+        params = set(inspect.signature(upcycle).parameters) | set(UpcycleOptions.__dataclass_fields__)
+        params -= {"base", "layout", "mla_layers", "select", "preset", "linear", "calibration_ids", "calibration_mask",
+                   "options", "overrides"}
         from ..config import HyloConfig
 
         config_keys = set(inspect.signature(HyloConfig.__init__).parameters) - {"self", "kwargs"}

@@ -96,6 +96,29 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    @classmethod
+    def cache_shapes(cls, config) -> dict:
+        width = config.num_key_value_heads * config.head_dim
+        return {"per_token": {"key": width, "value": width}}
+
+    @classmethod
+    def describe(cls, config) -> str:
+        return f"{config.num_key_value_heads} kv heads x {config.head_dim}"
+
+    @torch.no_grad()
+    def from_attention(self, w, **_) -> dict:
+        """In place: the base block `w.module` verbatim (weights, q/k/v biases, q/k norms)."""
+        src = w.module
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for p in ("weight", "bias"):
+                dst = getattr(getattr(self, name), p)
+                if dst is not None:
+                    dst.copy_(getattr(getattr(src, name), p))
+        if self.q_norm is not None:
+            self.q_norm.weight.copy_(src.q_norm.weight)
+            self.k_norm.weight.copy_(src.k_norm.weight)
+        return {}
+
     def forward(self, x, *, rope, state=None, attention_mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)

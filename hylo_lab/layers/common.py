@@ -120,7 +120,7 @@ class Rotary(nn.Module):
     `rope_parameters` (rope_frequencies: default, linear, llama3, yarn, longrope), bit for bit.
 
     pairs: which of those head_dim/2 frequencies the table rotates (an upcycled MLA keeps some pairs of the base
-    head: upcycle.rope_pairs); the table is then 2 * len(pairs) wide, pair i rotating dims i and i + len(pairs).
+    head: mla.rope_pairs); the table is then 2 * len(pairs) wide, pair i rotating dims i and i + len(pairs).
     None = all. longrope switches to its long factors for a forward whose largest position is >=
     original_max_position_embeddings, as transformers' dynamic_rope_update does (per call, no host sync).
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hylo_lab.cache import LinearState
+from hylo_lab.states import LinearState
 from hylo_lab.layers.common import GatedRMSNorm, RMSNorm
 from hylo_lab.ops.conv import causal_conv1d
 from hylo_lab.ops.gated_delta import gated_delta_rule
@@ -106,7 +106,32 @@ class GatedDeltaNet(nn.Module):
                 getattr(self, name).reset_parameters()
         self.o_norm.weight.fill_(1.0)
 
-    # TODO(upcycling issue): `from_attention` classmethod (method.md section 4, GDN bullet) goes here.
+    @classmethod
+    def cache_shapes(cls, config) -> dict:
+        H, K, V, W = config.gdn_num_heads, config.gdn_head_dim, config.gdn_head_v_dim, config.gdn_conv_size
+        conv = {"q_conv1d": (H * K, W - 1), "k_conv1d": (H * K, W - 1), "v_conv1d": (H * V, W - 1)}
+        return {"conv": conv if config.gdn_use_short_conv else {}, "recurrent": (H, K, V)}
+
+    @classmethod
+    def describe(cls, config) -> str:
+        return f"{config.gdn_num_heads} heads x {config.gdn_head_dim} (v {config.gdn_head_v_dim}), conv {config.gdn_conv_size}"
+
+    @torch.no_grad()
+    def from_attention(self, w, **_) -> dict:
+        """In place, from a base attention block `w` (base_checkpoint.AttentionWeights): W_K, W_V repeated to the H query
+        heads (GQA order); the overlapping rows of W_Q, W_K, W_V copied into q_proj, k_proj, v_proj and W_O into
+        the overlapping columns of o_proj; the rest keeps its init. q/k/v biases have no slot (dropped).
+        Returns how many rows were copied."""
+        rep = w.H // w.Hkv
+        D = w.q.shape[1]
+        k = w.k.view(w.Hkv, w.hd, D).repeat_interleave(rep, dim=0).reshape(-1, D)
+        v = w.v.view(w.Hkv, w.hd, D).repeat_interleave(rep, dim=0).reshape(-1, D)
+        nk, nv = min(self.key_dim, w.q.shape[0]), min(self.value_dim, v.shape[0])
+        self.q_proj.weight[:nk] = w.q[:nk].to(self.q_proj.weight.dtype)
+        self.k_proj.weight[:nk] = k[:nk].to(self.k_proj.weight.dtype)
+        self.v_proj.weight[:nv] = v[:nv].to(self.v_proj.weight.dtype)
+        self.o_proj.weight[:, :nv] = w.o[:, :nv].to(self.o_proj.weight.dtype)
+        return {"qk_rows": nk, "v_rows": nv}
 
     def forward(self, hidden_states, *, state: LinearState | None = None, attention_mask=None):
         """hidden_states [B, T, D] -> [B, T, D]. With `state`, its conv tails and recurrent state are read as

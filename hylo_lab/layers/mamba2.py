@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hylo_lab.cache import LinearState
+from hylo_lab.states import LinearState
 from hylo_lab.layers.common import GatedRMSNorm
 from hylo_lab.ops.conv import causal_conv1d
 from hylo_lab.ops.ssd import ssd
@@ -100,7 +100,36 @@ class Mamba2(nn.Module):
         self.conv1d.reset_parameters()
         self.norm.weight.fill_(1.0)
 
-    # TODO(upcycling issue): `from_attention` classmethod (method.md section 4, Mamba2 bullet) goes here.
+    @classmethod
+    def cache_shapes(cls, config) -> dict:
+        H, P, N = config.num_attention_heads, config.head_dim, config.mamba2_state_size
+        conv_dim = 2 * config.num_key_value_heads * config.head_dim + H * P
+        return {"conv": {"conv1d": (conv_dim, config.mamba2_conv_kernel - 1)}, "recurrent": (H, N, P)}
+
+    @classmethod
+    def describe(cls, config) -> str:
+        return (f"{config.num_attention_heads} heads x {config.head_dim}, state {config.mamba2_state_size}, "
+                f"conv {config.mamba2_conv_kernel}")
+
+    @torch.no_grad()
+    def from_attention(self, w, *, mamba2_D: float = 0.0, **_) -> dict:
+        """In place, from a base attention block `w` (base_checkpoint.AttentionWeights), MambaInLlama's map:
+        in_proj rows [z | x <- W_V | B <- W_K | C <- W_Q | dt], out_proj <- W_O, D = `mamba2_D`; z, dt, A_log,
+        conv and norm keep their init, RoPE is dropped. q/k/v biases move into the conv bias
+        (conv1d.bias += b * sum of the channel's taps: exact but for the first W-1 tokens, which read padding).
+        D = 0, not mamba-ssm's 1: with x <- W_V and dt ~ 1e-3..1e-1 at init, D = 1 makes the block output mostly
+        the current token's value; with D = 0 it starts as the base attention with the softmax removed (up to
+        decay, conv and gate). mamba2_D=1.0 gives MambaInLlama's start."""
+        W = self.in_proj.weight
+        for off, src in ((self.d_inner, w.v), (self.d_inner + self.d_xb, w.k), (self.d_inner + 2 * self.d_xb, w.q)):
+            W[off: off + src.shape[0]] = src.to(W.dtype)
+        self.out_proj.weight.copy_(w.o.to(self.out_proj.weight.dtype))
+        self.D.fill_(mamba2_D)
+        if w.q_bias is not None:
+            b = torch.cat([w.v_bias, w.k_bias, w.q_bias])  # conv channels [x | B | C]
+            taps = self.conv1d.weight.detach().to(b.dtype).reshape(self.conv_dim, -1).sum(-1)
+            self.conv1d.bias.add_((b * taps).to(self.conv1d.bias.dtype))
+        return {}
 
     def forward(self, hidden_states, *, state: LinearState | None = None, attention_mask=None):
         """hidden_states [B, T, D] -> [B, T, D]. With `state`, its conv tail and recurrent state are read as

@@ -8,9 +8,12 @@ fused attention. Decode never expands the cache: kv_b_proj is absorbed into the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from ..ops.low_rank import kept_energy, low_rank
 from ..ops.mla_decode import mla_decode
 from .attention import causal_mask, prefill_attention
 from .common import RMSNorm, apply_rotary
@@ -44,6 +47,48 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps) if config.mla_latent_norm else nn.Identity()
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, Hkv * (self.nope + self.v_dim), bias=bias)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+
+    @classmethod
+    def cache_shapes(cls, config) -> dict:
+        return {"per_token": {"latent": config.kv_lora_rank, "k_rope": config.qk_rope_head_dim}}
+
+    @classmethod
+    def describe(cls, config) -> str:
+        return (f"q_lora_rank {config.q_lora_rank}, kv_lora_rank {config.kv_lora_rank}, rope {config.qk_rope_head_dim}, "
+                f"nope {config.qk_nope_head_dim}, v {config.v_head_dim}, rope {config.mla_rope_parameters.get('rope_type')}")
+
+    @torch.no_grad()
+    def from_attention(self, w, *, rope_init: str = "filled", **_) -> dict:
+        """In place, truncated SVD (X-EcoMLA) of a base attention block `w` (base_checkpoint.AttentionWeights):
+        q_a_proj = S_r V_r^T, q_b_proj = U_r of the per-head [nope | rope] query rows (attention_targets);
+        kv_a_proj_with_mqa[:r] = S_r V_r^T, kv_b_proj = U_r of the stacked [K_nope; V] rows of every KV head
+        (one shared latent); kv_a_proj_with_mqa[r:] (the shared RoPE key) = the mean over KV heads of the K RoPE
+        rows; o_proj copied; q/k/v biases onto q_b_proj and kv_b_proj. rope_init="random" leaves both RoPE parts
+        at their init. Returns the kept singular-value energies {"q_energy", "kv_energy"}."""
+        q, q_bias, rows, k_rope, kv, kv_bias = attention_targets(w, self.nope, self.rope, rope_init)
+        stats = {}
+        if self.q_lora_rank is None:
+            put(self.q_proj.weight, q, rows)
+            q_b = self.q_proj
+        else:
+            A, B, S = low_rank(q, self.q_lora_rank)
+            put(self.q_a_proj.weight, A)
+            put(self.q_b_proj.weight, B, rows)
+            stats["q_energy"] = kept_energy(S, self.q_lora_rank)
+            q_b = self.q_b_proj
+        if q_bias is not None and q_b.bias is not None:
+            put(q_b.bias, q_bias, rows)
+        r = self.kv_lora_rank
+        A, B, S = low_rank(kv, r)
+        put(self.kv_a_proj_with_mqa.weight, A, slice(0, r))
+        put(self.kv_b_proj.weight, B)
+        stats["kv_energy"] = kept_energy(S, r)
+        if kv_bias is not None and self.kv_b_proj.bias is not None:
+            put(self.kv_b_proj.bias, kv_bias)
+        if k_rope is not None:
+            put(self.kv_a_proj_with_mqa.weight, k_rope, slice(r, r + self.rope))
+        put(self.o_proj.weight, w.o)
+        return stats
 
     def project_q(self, x):
         if self.q_lora_rank is None:
@@ -146,3 +191,47 @@ class MLA(nn.Module):
         if self.kv_b_proj.bias is not None:
             o = o + self.kv_b_proj.bias.view(Hkv, -1)[:, self.nope:].repeat_interleave(rep, dim=0)
         return o.to(q_nope.dtype)
+
+
+def rope_pairs(head_dim: int, rope: int) -> list[int]:
+    """The base head's frequency pairs an MLA of qk_rope_head_dim `rope` keeps: 0, s, 2s, ... (s = hd/rope), so
+    the kept frequencies span the base's range from the fastest down. Stored as config.mla_rope_pairs: the MLA's
+    Rotary then rotates pair i at exactly the base's inv_freq[pairs[i]] (whatever the rope type)."""
+    return list(range(0, head_dim // 2, head_dim // rope))[: rope // 2]
+
+
+def rope_dim_split(head_dim: int, rope: int, nope: int) -> tuple[list[int], list[int]]:
+    """Base head dims feeding MLA's (NoPE, RoPE) parts. Half-split RoPE rotates dims j and j + hd/2 at the
+    base's inv_freq[j]; the RoPE rows are the kept pairs (rope_pairs) laid out [firsts | seconds], as MLA's
+    Rotary lays out its pairs; NoPE = the first `nope` other dims."""
+    half = head_dim // 2
+    pairs = rope_pairs(head_dim, rope)
+    rope_src = pairs + [j + half for j in pairs]
+    taken = set(rope_src)
+    return [d for d in range(head_dim) if d not in taken][:nope], rope_src
+
+
+def attention_targets(w, nope: int, rope: int, rope_init: str):
+    """What MLA.from_attention factorises, from base attention weights `w`: (query rows [H*len(src), D] scaled
+    by sqrt((nope + rope) / hd) so MLA's softmax scale equals the base's, their bias, their row positions in
+    q_b_proj's [H, nope + rope] rows, the shared RoPE key rows or None (rope_init="random"), the stacked
+    [K_nope; V] rows per KV head, their bias)."""
+    H, Hkv, hd, D = w.H, w.Hkv, w.hd, w.q.shape[1]
+    nope_src, rope_src = rope_dim_split(hd, rope, nope)
+    src = nope_src + (rope_src if rope_init == "filled" else [])
+    qk = nope + rope
+    scale = math.sqrt(qk / hd)
+    rows = torch.tensor([h * qk + j for h in range(H) for j in range(len(src))])
+    q = w.q.view(H, hd, D)[:, src].reshape(-1, D) * scale
+    q_bias = None if w.q_bias is None else w.q_bias.view(H, hd)[:, src].reshape(-1) * scale
+    k = w.k.view(Hkv, hd, D)
+    k_rope = k[:, rope_src].mean(0) if rope_init == "filled" else None
+    kv = torch.cat([k[:, nope_src], w.v.view(Hkv, hd, D)], dim=1).reshape(-1, D)
+    kv_bias = None
+    if w.k_bias is not None:
+        kv_bias = torch.cat([w.k_bias.view(Hkv, hd)[:, nope_src], w.v_bias.view(Hkv, hd)], dim=1).reshape(-1)
+    return q, q_bias, rows, k_rope, kv, kv_bias
+
+
+def put(param, value, idx=slice(None)):
+    param.data[idx] = value.to(param.dtype)
