@@ -17,6 +17,7 @@ compare), `eval/niah/teacher/<length>`, `eval/niah/teacher_yarn/<length>`, `eval
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,7 +50,8 @@ class DemoSettings:
     parent_run_id: str = ""  # the sweep's parent run
     experiment: str = "quickstart"  # MLflow experiment
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db
-    seed: int = 0
+    seed: int = 0  # the student's init, data order and evaluation samples
+    world_seed: int = 0  # the toy world and its teacher ladder (trained once, cached, shared by every `seed`)
     quick: bool = False  # tiny teachers, few steps, two lengths: every step in about a minute (CI)
     teacher: str = "llama-s"  # stage-2 teacher: a toy teacher name, or "none" (next-token cross-entropy only)
     layout: str = "2MLA2GDN"  # MLA and linear layer counts of the 4-layer llama-s student
@@ -58,6 +60,9 @@ class DemoSettings:
     stage2_seq_len: int = 512  # tokens per row of the last stage-2 stage
     stage2_steps: int = 200  # optimizer steps of stage 2 (all its stages together)
     yarn_factor: float = 64.0  # YaRN factor on the MLA layers in the last stage (0 = no YaRN); README says why 64
+    yarn_eval: str = "fixed"  # the hybrid's MLA factor at evaluation: fixed = the training one; cover = yarn_factor_at
+    eval_samples: int = 32  # NIAH samples per task, length and seed, the same samples for every model
+    long_eval_samples: int = 8  # the plain teacher beyond 4x (a bar, "below 0.20", not a comparison)
     eval_lengths: str = "256,512,1024,2048,4096,8192"  # context lengths of the evaluation
     out_dir: str = ""  # where models, tables and figures go ("" = runs/demo)
 
@@ -76,6 +81,12 @@ class DemoSettings:
             problems.append(f"stage2_seq_len={self.stage2_seq_len} is below 64 tokens")
         if not (self.yarn_factor == 0 or self.yarn_factor >= 1):
             problems.append(f"yarn_factor={self.yarn_factor} must be 0 (no YaRN) or >= 1")
+        if self.yarn_eval not in YARN_EVAL:
+            problems.append(f"yarn_eval={self.yarn_eval!r}: choose one of {', '.join(YARN_EVAL)}")
+        for name in ("eval_samples", "long_eval_samples", "world_seed"):
+            value, low = getattr(self, name), 0 if name == "world_seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                problems.append(f"{name}={value!r} must be an integer >= {low}")
         try:
             lengths = self.lengths
             if not lengths or any(n < 64 for n in lengths):
@@ -131,6 +142,20 @@ class DemoSettings:
         return Path(self.out_dir or DEFAULT_OUT)
 
     @property
+    def eval_seed(self) -> int:
+        """First sample seed of the NIAH evaluation: every model of one run sees the same samples."""
+        return 1000 + self.seed
+
+    def niah_samples(self, model: str, length: int) -> int:
+        """Samples per NIAH task at `length` for `model`: eval_samples, except the plain teacher beyond 4x its
+        length (only the "below 0.20" bar is asked there: the first long_eval_samples of the same samples)."""
+        if self.quick:
+            return QUICK_PLAN["eval_samples"]
+        if model == "teacher" and length > 4 * TOY_TRAIN_LEN:
+            return min(self.long_eval_samples, self.eval_samples)
+        return self.eval_samples
+
+    @property
     def teacher_yarn_factor(self) -> float:
         """YaRN factor of the 'teacher with YaRN' baseline: the hybrid's, else enough for the longest length."""
         return float(self.yarn_factor) if self.yarn_factor else max(1.0, max(self.lengths) / TOY_TRAIN_LEN)
@@ -139,15 +164,13 @@ class DemoSettings:
         return dataclasses.asdict(self)
 
 
-# The knobs that --quick shrinks; the full values are in `plan`.
-# eval_samples: per NIAH task and length; long_eval_samples for the two teachers beyond 4x their length, where full
-# attention over 2K-8K tokens is most of the evaluation's time and only the 20% bar is asked (the first samples of
-# the same seeds); cache bytes are measured up to measure_cache_up_to tokens, predicted beyond.
+# The knobs that --quick shrinks; the full values are in `plan` (the NIAH sample counts are settings:
+# DemoSettings.niah_samples). Cache bytes are measured up to measure_cache_up_to tokens, predicted beyond.
 # synthetic_fraction: share of NIAH rows in distillation batches; kd_short_fraction: share of stage-2 steps at the
 # teachers' length. 0.6 and 0.25 gave the hybrid more NIAH at 32x than 0.3 and 0.5 (benchmarks/results/toy_search).
-QUICK_PLAN = dict(ild_steps=4, kd_short_steps=2, batch_size=4, eval_samples=2, long_eval_samples=2, ppl_tokens=2048,
+QUICK_PLAN = dict(ild_steps=4, kd_short_steps=2, batch_size=4, eval_samples=2, ppl_tokens=2048,
                   eval_rows=2, measure_cache_up_to=2048, synthetic_fraction=0.3)
-FULL_PLAN = dict(ild_steps=150, kd_short_fraction=0.25, batch_size=16, eval_samples=16, long_eval_samples=8,
+FULL_PLAN = dict(ild_steps=150, kd_short_fraction=0.25, batch_size=16,
                  ppl_tokens=32768, eval_rows=8, measure_cache_up_to=2048, synthetic_fraction=0.6)
 
 
@@ -183,13 +206,14 @@ def start(settings: DemoSettings):
 
 
 def prepare_world(settings: DemoSettings, tracker=None):
-    """Build or reuse the toy world with the base teacher and the stage-2 teacher (trained once, cached)."""
+    """Build or reuse the toy world of `world_seed` with the base teacher and the stage-2 teacher (trained once,
+    cached, shared by every `seed`: world_seed=0 is get_toy_world(seed=0)'s cache)."""
     from .data.toy import get_toy_world
 
     names = tuple(dict.fromkeys([BASE] + ([settings.teacher] if settings.teacher != "none" else [])))
     t0 = time.perf_counter()
     log(f"toy world with teachers {', '.join(names)} (cached after the first build)")
-    world = get_toy_world(teachers=names, quick=settings.quick, seed=settings.seed)
+    world = get_toy_world(teachers=names, quick=settings.quick, seed=settings.world_seed)
     seconds = time.perf_counter() - t0
     log(f"toy world ready in {seconds:.0f} s at {world.root}")
     if tracker is not None:
@@ -208,8 +232,8 @@ def teacher_check(settings: DemoSettings, world, tracker=None) -> dict:
     from .data.toy import niah_accuracy, perplexity, read_corpus, resolve_device, unigram_perplexity
 
     tok, model = world.tokenizer(), world.teacher(BASE).to(resolve_device())
-    n = QUICK_PLAN["eval_samples"] if settings.quick else FULL_PLAN["eval_samples"] * 2
-    acc = niah_accuracy(model, tok, lengths=(TOY_TRAIN_LEN,), num_samples=n, seed=settings.seed, tasks=NIAH_TASKS)
+    n = settings.niah_samples(BASE, TOY_TRAIN_LEN)
+    acc = niah_accuracy(model, tok, lengths=(TOY_TRAIN_LEN,), num_samples=n, seed=settings.eval_seed, tasks=NIAH_TASKS)
     heldout, train = read_corpus(world.corpus_heldout), read_corpus(world.corpus_train)
     ppl = perplexity(model, tok, heldout[:200])
     uni = unigram_perplexity(tok, train[:3000], heldout[:200])
@@ -246,6 +270,8 @@ def build_recipe(settings: DemoSettings, world=None) -> dict:
         long_kd["ce_weight"] = LONG_CE_WEIGHT
     if s.yarn_factor:
         long_kd["yarn"] = dict(factor=float(s.yarn_factor), original_max_position_embeddings=short)
+        if s.stage2_seq_len > short * s.yarn_factor:
+            warn_outside_yarn("trains", s.stage2_seq_len, s.yarn_factor)
     if s.stage2_seq_len > short:
         n_short = plan["kd_short_steps"] if quick else max(1, int(s.stage2_steps * plan["kd_short_fraction"]))
         n_short = min(n_short, s.stage2_steps - 1) if s.stage2_steps > 1 else 0
@@ -263,7 +289,7 @@ def build_recipe(settings: DemoSettings, world=None) -> dict:
         seed=s.seed,
         base=f"toy:{BASE}",
         teacher=None if s.teacher == "none" else f"toy:{s.teacher}",
-        toy_world=dict(quick=quick, seed=s.seed, root=None if world is None else str(world.root.parent)),
+        toy_world=dict(quick=quick, seed=s.world_seed, root=None if world is None else str(world.root.parent)),
         student=student,
         data=dict(train=[dict(type="toy", split="train")], heldout=[dict(type="toy", split="heldout")],
                   synthetic=dict(fraction=plan["synthetic_fraction"], tasks=list(NIAH_TASKS), answer_room=48,
@@ -330,6 +356,59 @@ def load_models(settings: DemoSettings, world, hybrid_dir) -> dict:
     return dict(teacher=teacher, teacher_yarn=teacher_yarn, hybrid=hybrid)
 
 
+# The YaRN convention of the paper (shared/docs/method.md sections 5 and 7; ablations/README.md): the MLA layers keep
+# one original length (the toy teachers' 256) and a factor that covers the training length; the YaRN arm raises
+# the factor at evaluation to cover each evaluated length.
+YARN_EVAL = ("fixed", "cover")
+
+
+def yarn_factor_at(settings: DemoSettings, model: str, length: int) -> float:
+    """The YaRN factor `model` runs with at `length` (0 = no YaRN). teacher: none; teacher_yarn: its one factor;
+    hybrid: f = yarn_factor when yarn_eval="fixed", else max(yarn_factor, length / 256) (YaRN starts at
+    evaluation when yarn_factor = 0 and the length is beyond 256)."""
+    if model == "teacher":
+        return 0.0
+    if model == "teacher_yarn":
+        return settings.teacher_yarn_factor
+    train = float(settings.yarn_factor)
+    if settings.yarn_eval == "fixed":
+        return train
+    cover = max(train, length / TOY_TRAIN_LEN)
+    return cover if (train or cover > 1) else 0.0
+
+
+def warn_outside_yarn(what: str, length: int, factor: float) -> None:
+    import warnings
+
+    message = (f"the demo {what} {length} tokens, beyond YaRN's range {TOY_TRAIN_LEN} x {factor:g} = "
+               f"{TOY_TRAIN_LEN * factor:g} (original length x factor)")
+    log(f"warning: {message}")
+    warnings.warn(message, stacklevel=2)
+
+
+@contextlib.contextmanager
+def mla_yarn(model, factor: float, length: int):
+    """YaRN x`factor` over the original 256 tokens on the hybrid's MLA layers inside the block (nothing for
+    factor 0); the RoPE it had is back afterwards."""
+    if not factor:
+        yield model
+        return
+    from .distill.kd import apply_yarn
+    from .distill.stages import YarnSpec
+    from .layers.common import mla_rotary
+
+    config = model.config
+    saved = dict(config.mla_rope_parameters), config.max_position_embeddings
+    apply_yarn(model, YarnSpec(factor=float(factor), original_max_position_embeddings=TOY_TRAIN_LEN), length)
+    device = next(model.parameters()).device
+    model.model.rotary["mla"].to(device)
+    try:
+        yield model
+    finally:
+        config.mla_rope_parameters, config.max_position_embeddings = saved
+        model.model.rotary["mla"] = mla_rotary(config).to(device)
+
+
 def _heldout_stream(world, tokens: int) -> list[int]:
     from .data.toy import read_corpus
 
@@ -343,8 +422,9 @@ def _heldout_stream(world, tokens: int) -> list[int]:
 
 
 def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
-    """NIAH accuracy (NIAH_TASKS, `eval_samples` samples each at random needle depths, the same samples for every
-    model; the teachers beyond 4x the first `long_eval_samples` of them), perplexity at the teachers' length on
+    """NIAH accuracy (NIAH_TASKS, settings.niah_samples(model, length) samples each at random needle depths from
+    settings.eval_seed: the same samples for every model; with yarn_eval="cover" the hybrid's MLA factor is
+    raised per length, yarn_factor_at), perplexity at the teachers' length on
     held-out text, and cache bytes of every model at every length (predicted by `predict_cache_bytes` in the
     model's dtype; measured after a prefill of random tokens up to `measure_cache_up_to`). Returns a
     DataFrame(model, length, niah, ppl, cache_bytes, cache_bytes_measured, ttft_s, and one column per NIAH task)
@@ -367,11 +447,16 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
         sub = "" if label == "hybrid" else f"{label}/"
         niah, per_task = {}, {}
         for length in lengths:  # one call per length: batch as many samples as ~16K tokens allow
-            n = plan["long_eval_samples"] if label != "hybrid" and length > 4 * TOY_TRAIN_LEN else plan["eval_samples"]
+            n = settings.niah_samples(label, length)
             batch = max(1, min(n * len(NIAH_TASKS), 16384 // length))
-            res = run_ruler(model, tok, [length], tasks=NIAH_TASKS, num_samples=n, seed=1000 + settings.seed,
-                            batch_size=batch, prefill_chunk=2048,
-                            out_dir=settings.folder / "eval" / f"niah_{label}" / str(length))
+            factor = yarn_factor_at(settings, label, length)
+            if factor and length > TOY_TRAIN_LEN * factor:
+                warn_outside_yarn(f"evaluates {label} at", length, factor)
+            cover = label == "hybrid" and settings.yarn_eval == "cover"
+            with mla_yarn(model, factor, length) if cover else contextlib.nullcontext():
+                res = run_ruler(model, tok, [length], tasks=NIAH_TASKS, num_samples=n, seed=settings.eval_seed,
+                                batch_size=batch, prefill_chunk=2048,
+                                out_dir=settings.folder / "eval" / f"niah_{label}" / str(length))
             niah[length] = float(res["average"].average.iloc[0])
             per_task[length] = {r.task: r.score for r in res["table"].itertuples() if r.status == "ok"}
             metrics.update({f"eval/ruler/{label}/{length}/{task}": v for task, v in per_task[length].items()})
