@@ -526,10 +526,14 @@ def test_cli_upcycle_writes_a_loadable_directory_and_info_describes_it(tmp_path,
     assert len(scores["score"]) == 4 and len(scores["selected"]) == 1
     assert AutoModelForCausalLM.from_pretrained(smart_out).config.layer_indices("mla") == scores["selected"]
 
-    with pytest.raises(SystemExit, match="not supported"):
-        bad = tmp_path / "gpt2"
-        GPT2Config(n_layer=2).save_pretrained(bad)
+    bad = tmp_path / "gpt2"
+    GPT2Config(n_layer=2).save_pretrained(bad)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         main(["upcycle", "--base", str(bad), "--layout", "2MLA", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not supported" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
     assert PRESETS  # the info command lists them in its error
 
 
