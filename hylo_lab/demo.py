@@ -9,10 +9,11 @@
 (`run_demo`) and writes the executed notebook, its HTML and the PNG figures to one folder. `DemoSettings` holds
 exactly the notebook's parameters, so ablation sweeps (ablations/*.yaml) set the same names.
 
-Metric names (one MLflow run): `eval/niah/<length>` and `eval/ppl/<length>` for the hybrid (what the ablations
-compare), `eval/niah/teacher/<length>`, `eval/niah/teacher_yarn/<length>`, `eval/ppl/teacher/<length>`,
-`eval/cache_bytes/<model>/<length>`, per task `eval/ruler/<model>/<length>/<task>`, training curves
-`train/<stage>/...`, and `demo/...` for the goal checks and timings.
+Metric names (one MLflow run), one scheme for every model (teacher, teacher_yarn, hybrid):
+`eval/<model>/niah/<length>` (the ablations compare `eval/hybrid/niah/<length>`), per task
+`eval/<model>/niah/<length>/<task>`, `eval/<model>/ppl/<length>`, `eval/<model>/cache_bytes[_measured]/<length>`;
+training curves `train/teacher/<name>/loss` (the toy teachers) and `train/<stage>/...` (the hybrid). Single values
+(goals, ratios, timings, the teacher check) are the run's summary: `summary.*` tags and tables/summary.json.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .data.toy import TEACHER_NIAH_TASKS, TEACHERS, TOY_TRAIN_LEN
 from .errors import UserError
 
 BASE = "llama-s"  # the teacher that is upcycled (stage 1's teacher too)
-# The needle tasks behind `eval/niah/<length>`: one number retrieved by a word key from a repetitive (noise) or a
+# The needle tasks behind `eval/<model>/niah/<length>`: one number retrieved by a word key from a repetitive (noise) or a
 # varied (essay) haystack (RULER's S-NIAH 1 and 2): what the toy teachers learn (data.toy.TEACHER_NIAH_TASKS).
 # Every task's score is logged on its own as well.
 NIAH_TASKS = TEACHER_NIAH_TASKS
@@ -175,7 +176,20 @@ FULL_PLAN = dict(ild_steps=150, kd_short_fraction=0.25, batch_size=16,
 
 
 def log(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    """One progress line on stdout (stderr would show as an error in the executed notebook)."""
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# Typical seconds of each step on a 2-core CPU (full demo, toy world cached; quick demo): the overall estimate's prior.
+STEPS_FULL = dict(start=5, world=30, teacher_check=10, distill=240, load=5, evaluate=180, report=5)
+STEPS_QUICK = dict(start=5, world=10, teacher_check=2, distill=15, load=2, evaluate=20, report=5)
+
+
+def step(settings: DemoSettings, name: str) -> None:
+    """Marks the start of one step of the demo on its overall progress line (progress.Overall)."""
+    overall = getattr(settings, "_overall", None)
+    if overall is not None:
+        overall.step(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,12 +199,17 @@ def log(msg: str) -> None:
 def start(settings: DemoSettings):
     """Make the output folder and the MLflow run (the given run_id under a sweep); log the settings once.
     Returns the Tracker (inactive when MLflow is unreachable: the demo goes on without logging)."""
-    from .tracking import Tracker
+    from .progress import Overall, quiet_third_party
+    from .tracking import Tracker, run_name
 
+    quiet_third_party()
+    settings._overall = Overall("demo", STEPS_QUICK if settings.quick else STEPS_FULL, echo=log)
+    step(settings, "start")
     folder = settings.folder
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "figures").mkdir(exist_ok=True)
-    tracker = Tracker(settings.experiment, "demo-quick" if settings.quick else "demo",
+    name = run_name("demo-quick" if settings.quick else "demo", settings.student_layout, f"seed{settings.seed}")
+    tracker = Tracker(settings.experiment, name,
                       tracking_uri=settings.tracking_uri or None, run_id=settings.run_id or None,
                       parent_run_id=settings.parent_run_id or None, tags={"notebook": "notebooks/00_quickstart.ipynb"})
     tracker.log_params({k: v for k, v in settings.to_dict().items() if k not in ("run_id", "parent_run_id")}
@@ -199,7 +218,7 @@ def start(settings: DemoSettings):
 
     device = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} thread(s)"
     tracker.set_tags({"device": device})
-    log(f"settings: {json.dumps(settings.to_dict())}; output in {folder.resolve()}; MLflow run {tracker.run_id}; "
+    log(f"settings: {json.dumps(settings.to_dict())}; output in {folder}; MLflow run {tracker.run_id}; "
         f"{device}, load average {os.getloadavg()[0]:.1f}")
     settings._t0 = time.perf_counter()
     return tracker
@@ -210,6 +229,7 @@ def prepare_world(settings: DemoSettings, tracker=None):
     cached, shared by every `seed`: world_seed=0 is get_toy_world(seed=0)'s cache)."""
     from .data.toy import get_toy_world
 
+    step(settings, "world")
     names = tuple(dict.fromkeys([BASE] + ([settings.teacher] if settings.teacher != "none" else [])))
     t0 = time.perf_counter()
     log(f"toy world with teachers {', '.join(names)} (cached after the first build)")
@@ -218,11 +238,12 @@ def prepare_world(settings: DemoSettings, tracker=None):
     log(f"toy world ready in {seconds:.0f} s at {world.root}")
     if tracker is not None:
         tracker.set_tags({"toy_world": str(world.root)})
-        tracker.log_metrics({"demo/seconds/toy_world": seconds})
+        settings._seconds = dict(getattr(settings, "_seconds", {}), toy_world=seconds)
         for name in names:
             info = world.teacher_info(name)
-            tracker.log_metrics({f"teacher/{name}/train_seconds": info["seconds"],
-                                 f"teacher/{name}/loss_last": info["loss_last"]})
+            tracker.log_curve(f"train/teacher/{name}/loss", info.get("loss", []))
+            settings._teachers = dict(getattr(settings, "_teachers", {}), **{
+                name: dict(train_seconds=info["seconds"], loss_last=info["loss_last"])})
     return world
 
 
@@ -231,6 +252,7 @@ def teacher_check(settings: DemoSettings, world, tracker=None) -> dict:
     perplexity against a unigram model."""
     from .data.toy import niah_accuracy, perplexity, read_corpus, resolve_device, unigram_perplexity
 
+    step(settings, "teacher_check")
     tok, model = world.tokenizer(), world.teacher(BASE).to(resolve_device())
     n = settings.niah_samples(BASE, TOY_TRAIN_LEN)
     acc = niah_accuracy(model, tok, lengths=(TOY_TRAIN_LEN,), num_samples=n, seed=settings.eval_seed, tasks=NIAH_TASKS)
@@ -241,11 +263,7 @@ def teacher_check(settings: DemoSettings, world, tracker=None) -> dict:
     report = dict(niah=sum(per_task.values()) / len(per_task), niah_tasks=per_task, heldout_ppl=ppl, unigram_ppl=uni)
     log(f"teacher {BASE}: NIAH at {TOY_TRAIN_LEN} = {report['niah']:.2f} {per_task}; held-out ppl {ppl:.2f} "
         f"(unigram {uni:.1f})")
-    if tracker is not None:
-        tracker.log_metrics({f"teacher/{BASE}/niah/{TOY_TRAIN_LEN}": report["niah"],
-                             f"teacher/{BASE}/heldout_ppl": ppl, f"teacher/{BASE}/unigram_ppl": uni,
-                             **{f"teacher/{BASE}/niah/{TOY_TRAIN_LEN}/{k}": v for k, v in per_task.items()}})
-    return report
+    return report  # single values: summarize() logs them with the run's summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,6 +325,7 @@ def distill(settings: DemoSettings, recipe: dict, tracker=None) -> Path:
     hybrid's folder. Training curves go to the demo's MLflow run."""
     from .distill.trainer import run_recipe
 
+    step(settings, "distill")
     out = Path(recipe["output_dir"])
     if out.exists():
         shutil.rmtree(out)
@@ -321,11 +340,12 @@ def distill(settings: DemoSettings, recipe: dict, tracker=None) -> Path:
         stages = {st["name"]: st for st in recipe["stages"]}
         active.log_params({f"recipe.{k}": v for k, v in flatten(dict(stages=stages, student=recipe["student"],
                                                                          data=recipe["data"])).items()})
-    summary = run_recipe(recipe, tracker=active)
+    with contextlib.redirect_stderr(sys.stdout):  # its [distill] lines are progress, not errors, in the report
+        summary = run_recipe(recipe, tracker=active)
     seconds = time.perf_counter() - t0
     log(f"distillation done in {seconds:.0f} s -> {summary['final_model']}")
     if active is not None:
-        active.log_metrics({"demo/seconds/distill": seconds})
+        settings._seconds = dict(getattr(settings, "_seconds", {}), distill=seconds)
         active.set_tags({"final_model": summary["final_model"]})
     return Path(summary["final_model"])
 
@@ -342,6 +362,7 @@ def load_models(settings: DemoSettings, world, hybrid_dir) -> dict:
 
     from .eval import load_model
 
+    step(settings, "load")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = world.teacher_dirs[BASE]
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
@@ -427,14 +448,17 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
     raised per length, yarn_factor_at), perplexity at the teachers' length on
     held-out text, and cache bytes of every model at every length (predicted by `predict_cache_bytes` in the
     model's dtype; measured after a prefill of random tokens up to `measure_cache_up_to`). Returns a
-    DataFrame(model, length, niah, ppl, cache_bytes, cache_bytes_measured, ttft_s, and one column per NIAH task)
+    DataFrame(model, length, niah, niah_low, niah_high, n, ppl, cache_bytes, cache_bytes_measured, ttft_s, and one
+    column per NIAH task; niah_low/high: the Wilson 95% interval over the n samples evaluated, all tasks pooled)
     and logs the metric names listed in the module docstring."""
     import pandas as pd
 
     from .eval.efficiency import measure_efficiency, predict_cache_bytes
     from .eval.perplexity import run_perplexity
     from .eval.ruler import run_ruler
+    from .stats import accuracy_ci
 
+    step(settings, "evaluate")
     plan = QUICK_PLAN if settings.quick else FULL_PLAN
     tok = world.tokenizer()
     lengths = settings.lengths
@@ -444,8 +468,7 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
     rows, metrics = [], {}
     for label, model in models.items():
         t0 = time.perf_counter()
-        sub = "" if label == "hybrid" else f"{label}/"
-        niah, per_task = {}, {}
+        niah, per_task, ci = {}, {}, {}
         for length in lengths:  # one call per length: batch as many samples as ~16K tokens allow
             n = settings.niah_samples(label, length)
             batch = max(1, min(n * len(NIAH_TASKS), 16384 // length))
@@ -458,8 +481,10 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
                                 batch_size=batch, prefill_chunk=2048,
                                 out_dir=settings.folder / "eval" / f"niah_{label}" / str(length))
             niah[length] = float(res["average"].average.iloc[0])
-            per_task[length] = {r.task: r.score for r in res["table"].itertuples() if r.status == "ok"}
-            metrics.update({f"eval/ruler/{label}/{length}/{task}": v for task, v in per_task[length].items()})
+            ok = res["table"][res["table"].status == "ok"]
+            per_task[length] = dict(zip(ok.task, ok.score))
+            ci[length] = accuracy_ci(int(round(float((ok.score * ok.n).sum()))), int(ok.n.sum()))
+            metrics.update({f"eval/{label}/niah/{length}/{task}": v for task, v in per_task[length].items()})
         t_niah = time.perf_counter() - t0
         ppl = run_perplexity(model, stream, [short], batch_size=8)["by_length"].set_index("length")["ppl"]
         measured = [n for n in lengths if n <= plan["measure_cache_up_to"]] or lengths[:1]
@@ -469,15 +494,16 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
         for length in lengths:
             e = eff.get(length, {})
             predicted = predict_cache_bytes(model.config, length, dtype=dtype)["predicted"]
-            rows.append(dict(model=label, length=length, niah=niah[length], ppl=float(ppl.get(length, math.nan)),
+            rows.append(dict(model=label, length=length, niah=niah[length], niah_low=ci[length]["low"],
+                             niah_high=ci[length]["high"], n=ci[length]["n"], ppl=float(ppl.get(length, math.nan)),
                              cache_bytes=predicted, cache_bytes_measured=e.get("cache_bytes_measured"),
                              ttft_s=e.get("ttft_s"), **per_task[length]))
-            metrics[f"eval/niah/{sub}{length}"] = niah[length]
-            metrics[f"eval/cache_bytes/{label}/{length}"] = predicted
+            metrics[f"eval/{label}/niah/{length}"] = niah[length]
+            metrics[f"eval/{label}/cache_bytes/{length}"] = predicted
             if e.get("cache_bytes_measured") is not None:
-                metrics[f"eval/cache_bytes_measured/{label}/{length}"] = e["cache_bytes_measured"]
-        metrics[f"eval/ppl/{sub}{short}"] = float(ppl[short])
-        metrics[f"demo/seconds/eval/{label}"] = time.perf_counter() - t0
+                metrics[f"eval/{label}/cache_bytes_measured/{length}"] = e["cache_bytes_measured"]
+        metrics[f"eval/{label}/ppl/{short}"] = float(ppl[short])
+        settings._seconds = dict(getattr(settings, "_seconds", {}), **{f"eval_{label}": time.perf_counter() - t0})
         log(f"{label}: NIAH " + ", ".join(f"{k}: {v:.2f}" for k, v in niah.items())
             + f" | ppl@{short} {float(ppl[short]):.3f} | {time.perf_counter() - t0:.0f} s (NIAH {t_niah:.0f} s)")
     frame = pd.DataFrame(rows)
@@ -492,38 +518,35 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
 # Figures and the summary
 
 
-def niah_figure(results):
-    """NIAH accuracy vs context length (log2 axis), one line per model, the teachers' length marked."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    names = dict(teacher=f"teacher {BASE}", teacher_yarn=f"teacher {BASE} + YaRN", hybrid="HyLo hybrid")
-    for label, part in results.groupby("model", sort=False):
-        ax.plot(part.length, part.niah, marker="o", label=names.get(label, label))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(results.length.unique()), [str(x) for x in sorted(results.length.unique())])
-    ax.axvline(TOY_TRAIN_LEN, color="grey", ls=":", lw=1)
-    ax.set(xlabel="context length (tokens)", ylabel="NIAH accuracy", ylim=(-0.03, 1.03),
-           title=f"NIAH ({', '.join(t.replace('niah_', '') for t in NIAH_TASKS)})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+def model_labels(settings: DemoSettings) -> dict:
+    """How the figures and the report name the demo's models: the hybrid with its layout."""
+    return dict(teacher=f"teacher {BASE}", teacher_yarn=f"teacher {BASE} + YaRN x{settings.teacher_yarn_factor:g}",
+                hybrid=f"hybrid {settings.student_layout}")
 
 
-def cache_figure(results):
-    """Cache bytes after the prompt vs context length, teacher vs hybrid (log-log)."""
-    import matplotlib.pyplot as plt
+def figures(settings: DemoSettings, results, tracker=None) -> dict:
+    """The report's figures in the house style (hylo_lab.plots), saved to figures/ and logged:
+    niah_vs_length (Wilson intervals over the samples evaluated, the 0.8 goal) and cache_vs_length (teacher vs
+    hybrid, measured filled, predicted hollow, the ratio at the longest length)."""
+    from .plots import cache_curve, context_curve
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for label in ("teacher", "hybrid"):
-        part = results[results.model == label]
-        ax.plot(part.length, part.cache_bytes.astype(float) / 2**20, marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set(xlabel="context length (tokens)", ylabel="cache (MiB)", title="cache after the prompt (float32)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    labels = model_labels(settings)
+    figs = dict(
+        niah_vs_length=context_curve(results, train_len=TOY_TRAIN_LEN, labels=labels, bar=0.8,
+                                     title="Needle retrieval beyond the training length"),
+        cache_vs_length=cache_curve(results[results.model.isin(["teacher", "hybrid"])], train_len=TOY_TRAIN_LEN,
+                                    labels=labels, title="Cache after the prompt (filled: measured, hollow: predicted)"),
+    )
+    for name, fig in figs.items():
+        save_figure(settings, fig, name, tracker)
+    return figs
+
+
+def show_figure(settings: DemoSettings, name: str):
+    """figures/<name>.png as an image the notebook (and its HTML) embeds."""
+    from IPython.display import Image
+
+    return Image(filename=str(settings.folder / "figures" / f"{name}.png"))
 
 
 def save_figure(settings: DemoSettings, fig, name: str, tracker=None) -> Path:
@@ -535,8 +558,9 @@ def save_figure(settings: DemoSettings, fig, name: str, tracker=None) -> Path:
 
 
 def summarize(settings: DemoSettings, results, teacher_report: dict | None = None, tracker=None) -> dict:
-    """The "Must be shown" numbers (issue 6) from the results table, as a dict; logged as `demo/...` metrics and
-    summary.json. lengths are multiples of the teachers' training length."""
+    """The numbers the demo must show, from the results table, as a dict: the run's summary (tables/summary.json
+    and `summary.*` tags in MLflow) and summary.json in the output folder, which holds no absolute path."""
+    step(settings, "report")
     pivot = results.pivot_table(index="length", columns="model", values="niah", sort=True)
     longest = max(settings.lengths)
     beyond = [n for n in settings.lengths if n > 4 * TOY_TRAIN_LEN]
@@ -567,15 +591,70 @@ def summarize(settings: DemoSettings, results, teacher_report: dict | None = Non
                                                          out["teacher_yarn_niah_beyond_4x_max"]) < 0.2,
         ppl_within_10pct=out["ppl_ratio"] <= 1.10,
     )
+    out["seconds_by_step"] = dict(getattr(settings, "_seconds", {}))
+    out["teachers"] = dict(getattr(settings, "_teachers", {}))
     if tracker is not None and tracker.active:
-        out.update(run_id=tracker.run_id, tracking_uri=tracker.tracking_uri, experiment=settings.experiment)
+        out.update(run_id=tracker.run_id, tracking_uri=relative_uri(tracker.tracking_uri),
+                   experiment=settings.experiment, run_url=tracker.url())
     (settings.folder / "summary.json").write_text(json.dumps(out, indent=2))
     if tracker is not None and tracker.active:
-        tracker.log_metrics({f"demo/{k}": float(v) for k, v in out.items() if isinstance(v, (int, float))})
-        tracker.log_metrics({f"demo/goal/{k}": float(v) for k, v in out["goals"].items()})
-        tracker.log_artifact(settings.folder / "summary.json", "tables")
+        tracker.log_summary({k: v for k, v in out.items() if k not in ("run_id", "tracking_uri", "run_url")})
     log(f"done in {out['seconds']:.0f} s; goals: {out['goals']}")
     return out
+
+
+def relative_uri(uri: str) -> str:
+    """sqlite:////abs/cwd/mlflow.db -> sqlite:///mlflow.db (relative to the working folder); other URIs unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = Path(uri[len(prefix):])
+        if path.is_absolute() and path.is_relative_to(Path.cwd()):
+            return prefix + str(path.relative_to(Path.cwd()))
+    return uri
+
+
+# Each goal: what it asks, in words (the report's goals table).
+GOALS = dict(
+    teacher_niah_1x_ge_95="the teacher retrieves the needle at its training length (NIAH >= 0.95 at 1x)",
+    hybrid_niah_32x_ge_80="the hybrid retrieves it at 32x the teacher's training length (NIAH >= 0.80)",
+    teachers_below_20_beyond_4x="the teacher, with or without YaRN, fails beyond 4x (NIAH < 0.20)",
+    ppl_within_10pct="the hybrid's short-context perplexity is within 10% of the teacher's",
+)
+QUESTION = ("Does the HyLo recipe (upcycle a Transformer into MLA + linear layers, distil it with YaRN on the MLA "
+            "layers) give a hybrid that retrieves a needle far beyond its teacher's training length, with a much "
+            "smaller cache, at no cost in short-context perplexity?")
+
+
+def conclusion(summary: dict, layout: str = "the hybrid") -> str:
+    """A few sentences written from the numbers of `summary` (what summarize returns)."""
+    s, goals = summary, summary["goals"]
+    met = sum(bool(v) for v in goals.values())
+    longest = f"{s['longest']} tokens ({s['longest_multiple']:g}x the training length)"
+    parts = [f"Hybrid {layout}: NIAH {s['hybrid_niah_longest']:.2f} at {longest}, with "
+             f"{s['cache_ratio_longest']:.2f}x the teacher's cache there and {s['ppl_ratio']:.2f}x its "
+             f"short-context perplexity."]
+    if not math.isnan(s.get("teacher_niah_beyond_4x_max", math.nan)):
+        parts.append(f"Beyond 4x the teacher reaches at most {s['teacher_niah_beyond_4x_max']:.2f} "
+                     f"({s['teacher_yarn_niah_beyond_4x_max']:.2f} with YaRN).")
+    parts.append(f"{met} of {len(goals)} goals met" + (" (quick run: untrained toy models, the numbers only show "
+                                                         "that every step runs)." if s["quick"] else "."))
+    return " ".join(parts)
+
+
+def report(summary: dict, settings: DemoSettings | None = None):
+    """The head of the report (a Markdown display): the question, the headline, the goals table, the conclusion."""
+    from IPython.display import Markdown
+
+    layout = settings.student_layout if settings is not None else "the hybrid"
+    s = summary
+    headline = (f"**Headline.** NIAH **{s['hybrid_niah_longest']:.2f}** at {s['longest_multiple']:g}x the training "
+                f"length for the hybrid {layout}, vs {s['teacher_niah_1x']:.2f} for the teacher at 1x; cache "
+                f"**{s['cache_ratio_longest']:.2f}x** the teacher's; perplexity ratio {s['ppl_ratio']:.2f}.")
+    rows = ["| goal | met |", "|---|---|"] + [f"| {GOALS.get(k, k)} | {'yes' if v else 'no'} |"
+                                             for k, v in s["goals"].items()]
+    took = f"Run took {s['seconds'] / 60:.1f} min" + (f"; MLflow run: {s['run_url']}" if s.get("run_url") else "")
+    return Markdown("\n\n".join(["## Results", f"**Question.** {QUESTION}", headline, "\n".join(rows),
+                                   f"**Conclusion.** {conclusion(s, layout)}", took]))
 
 
 def summary_table(results):
@@ -595,6 +674,11 @@ def summary_table(results):
 def finish(settings: DemoSettings, tracker=None) -> None:
     if tracker is not None and not settings.run_id:  # a sweep ends the runs it created itself
         tracker.end()
+    overall = getattr(settings, "_overall", None)
+    if overall is not None:
+        overall.done()
+    if tracker is not None and tracker.active:
+        log(f"MLflow run: {tracker.url()}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -632,8 +716,9 @@ def run_demo(*, quick: bool = False, linear: str = "gdn", out_dir=None, tracking
         raise UserError(f"--out {out} is a file; give a folder")
     check_writable(out, "--out")
     notebook = notebook_path()
-    if quick:
-        params.update(QUICK_PARAMETERS, **{k: v for k, v in (extra or {}).items()})
+    # The notebook's defaults are the quick run: the full demo passes the full values of what --quick changes.
+    full = {k: DemoSettings.__dataclass_fields__[k].default for k in QUICK_PARAMETERS}
+    params.update(QUICK_PARAMETERS if quick else full, **{k: v for k, v in (extra or {}).items()})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("papermill").setLevel(logging.INFO)
     t0 = time.perf_counter()
@@ -644,9 +729,18 @@ def run_demo(*, quick: bool = False, linear: str = "gdn", out_dir=None, tracking
         executed = tmp / "00_quickstart.ipynb"
         echo(f"hylo-lab demo{' --quick' if quick else ''}: executing {notebook.name} -> {out / executed.name} "
              f"(written to {tmp.name} until it succeeds)")
-        papermill.execute_notebook(str(notebook), str(executed), parameters=params, kernel_name="python3",
-                                   log_output=True, progress_bar=False, cwd=str(Path.cwd()))
-        nb = nbformat.read(str(executed), as_version=4)
+        previous = os.environ.get("HYLO_LAB_PROGRESS")
+        os.environ["HYLO_LAB_PROGRESS"] = "lines"  # the kernel's bars: a few lines each, not one per refresh
+        try:
+            papermill.execute_notebook(str(notebook), str(executed), parameters=params, kernel_name="python3",
+                                       log_output=True, progress_bar=False, cwd=str(Path.cwd()))
+        finally:
+            if previous is None:
+                os.environ.pop("HYLO_LAB_PROGRESS", None)
+            else:
+                os.environ["HYLO_LAB_PROGRESS"] = previous
+        nb = report_first(nbformat.read(str(executed), as_version=4))
+        nbformat.write(nb, str(executed))
         html, _ = HTMLExporter().from_notebook_node(nb)
         (tmp / "00_quickstart.html").write_text(html, encoding="utf-8")
         summary = json.loads((tmp / "summary.json").read_text())
@@ -664,6 +758,26 @@ def run_demo(*, quick: bool = False, linear: str = "gdn", out_dir=None, tracking
     return summary
 
 
+def report_first(nb):
+    """The executed notebook as a report: the cells tagged `report` (results, conclusion, figures) right after the
+    opening markdown cell, then a "Details" heading and every other cell in the order it ran."""
+    import nbformat
+
+    lead = [c for c in nb.cells if "report" in c.metadata.get("tags", [])]
+    rest = [c for c in nb.cells if c not in lead]
+    head = rest[:1] if rest and rest[0].cell_type == "markdown" else []
+    details = nbformat.v4.new_markdown_cell("## Details\nEvery step as it ran: settings, the toy world, "
+                                            "distillation, evaluation.")
+    nb.cells = head + lead + [details] + rest[len(head):]
+    return nb
+
+
+def _shown(path) -> str:
+    """`path` relative to the working folder where it lies inside it."""
+    path = Path(path)
+    return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else str(path)
+
+
 # What --quick changes besides quick=True: two lengths, a short stage 2.
 QUICK_PARAMETERS = dict(stage2_seq_len=512, stage2_steps=4, eval_lengths="256,512", yarn_factor=2.0)
 
@@ -677,6 +791,10 @@ def report_text(summary: dict) -> str:
                  f"(ratio {summary['ppl_ratio']:.3f}); cache at {summary['longest']} tokens: hybrid / teacher = "
                  f"{summary['cache_ratio_longest']:.3f}")
     lines.append("goals: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in summary["goals"].items()))
-    lines += ["", f"notebook: {summary['notebook']}", f"html:     {summary['html']}",
-              "figures:  " + ", ".join(summary["figures"]), f"took {summary['wall_seconds']:.0f} s"]
+    lines += ["", conclusion(summary), "", f"report:   {_shown(summary['html'])} (open it in a browser)",
+              f"notebook: {_shown(summary['notebook'])}",
+              "figures:  " + ", ".join(_shown(f) for f in summary["figures"]),
+              f"took {summary['wall_seconds'] / 60:.1f} min"]
+    if summary.get("run_url"):
+        lines.append(f"MLflow run: {summary['run_url']} (`make mlflow-ui` serves it)")
     return "\n".join(lines)

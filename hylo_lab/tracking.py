@@ -1,7 +1,9 @@
 """MLflow logging behind one small object: the only module that imports mlflow.
 
 Conventions (architecture.md): one run per execution; params = the flattened config, logged once; metric names
-`split/name[/sub]`; artifacts under `notebook/`, `figures/`, `tables/`. MLflow being unreachable or failing is
+`split/name[/sub]`; artifacts under `notebook/`, `figures/`, `tables/`; single values of a run as `summary.*` tags
+plus a table (`log_summary`), not one-point metrics; experiments tagged as model development (`ensure_experiment`)
+so MLflow's UI opens on the runs table. MLflow being unreachable or failing is
 reported once on stderr and the run goes on without logging: losing a metric must never lose the training.
 `store_problem` finds an unreachable server or an unwritable store within seconds, before MLflow's own retries
 (minutes) start.
@@ -124,6 +126,7 @@ class Tracker:
             import mlflow
 
             mlflow.set_tracking_uri(uri)
+            ensure_experiment(mlflow.MlflowClient(), experiment)
             mlflow.set_experiment(experiment)
             all_tags = {"git_sha": git_sha(), **(tags or {})}
             if parent_run_id:
@@ -214,6 +217,35 @@ class Tracker:
             path.write_text(json.dumps(data, indent=2, default=str))
             self.log_artifact(path, artifact_path)
 
+    def log_summary(self, values: dict, name: str = "summary.json"):
+        """Single values of the run (goals, ratios, timings): one tag `summary.<key>` each (shown in the runs table's
+        columns and the run's overview, never as a one-point chart) and `tables/<name>` holding all of them."""
+        flat = {k: v for k, v in flatten(values).items() if v is not None}
+        self.set_tags({f"summary.{k}"[:250]: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in flat.items()})
+        self.log_dict(values, name)
+
+    def log_curve(self, name: str, values, *, start_step: int = 0):
+        """A curve (e.g. a loss per step recorded elsewhere) as the metric `name` with one point per step."""
+        if not self.active:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(metric_name(name), float(v), ts, start_step + i) for i, v in enumerate(values) if v == v]
+        for i in range(0, len(batch), 1000):
+            self._call("log_batch", self.run_id, metrics=batch[i : i + 1000])
+
+    def url(self) -> str:
+        """Where the run opens: its page on an http(s) server, else the `mlflow ui` address for a local store."""
+        if not self.active:
+            return ""
+        run = self._call("get_run", self.run_id)
+        exp = run.info.experiment_id if run is not None else "0"
+        base = self.tracking_uri.rstrip("/") if self.tracking_uri.startswith("http") else LOCAL_UI
+        return f"{base}/#/experiments/{exp}/runs/{self.run_id}"
+
     def end(self, status: str = "FINISHED"):
         self._call("set_terminated", self.run_id, status)
 
@@ -227,6 +259,36 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb):
         self.end("FAILED" if exc_type else "FINISHED")
         return False
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
+# MLflow 3.17 opens an experiment in its GenAI view (traces) unless this tag says it holds model training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created if missing; tagged as model development so the UI opens on its runs."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except Exception:  # another process (a parallel sweep point) created it first
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for k, v in EXPERIMENT_KIND.items():
+        if exp.tags.get(k) != v:
+            client.set_experiment_tag(exp.experiment_id, k, v)
+    return exp.experiment_id
+
+
+def run_name(what: str, *parts, when: float | None = None) -> str:
+    """A run name that says what ran and when: run_name("demo", "2MLA2GDN", "seed0") -> 'demo 2MLA2GDN seed0
+    2026-12-06 14:05'."""
+    import time
+
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(when))
+    return " ".join([what, *(str(p) for p in parts if p not in (None, "")), stamp])
 
 
 def default_tracking_uri() -> str:

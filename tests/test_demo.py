@@ -35,10 +35,13 @@ def quick_demo(tmp_path_factory):
 
 
 def test_the_notebook_declares_exactly_the_demo_settings():
+    """Same names as DemoSettings; the defaults are the quick run (what Run All in Lab should do), while
+    DemoSettings and `hylo-lab demo` keep the full demo."""
     params = notebook_parameters(NOTEBOOK)
     fields = DemoSettings.__dataclass_fields__
     assert list(params) == list(fields)
-    assert {k: p.default for k, p in params.items()} == {k: f.default for k, f in fields.items()}
+    quick = {k: f.default for k, f in fields.items()} | dict(quick=True, **QUICK_PARAMETERS)
+    assert {k: p.default for k, p in params.items()} == quick
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -69,7 +72,35 @@ def test_quick_demo_writes_every_artifact(quick_demo):
     html = (out / "00_quickstart.html").read_text()
     assert "data:image/png;base64" in html  # figures inline
     assert "NIAH teacher" in quick_demo["stdout"] and "goals:" in quick_demo["stdout"]
-    assert "[demo" in quick_demo["stderr"]  # progress streamed from the kernel
+    assert "[demo" in quick_demo["stdout"] + quick_demo["stderr"]  # progress streamed from the kernel
+    assert "elapsed, about" in quick_demo["stdout"] + quick_demo["stderr"]  # the overall progress line
+    assert "MLflow run: http" in quick_demo["stdout"]
+
+
+def test_quick_demo_report_reads_as_a_report(quick_demo):
+    """The executed notebook opens with the question, headline, goals and conclusion, then the figures; it holds
+    (almost) no stderr output, no progress-bar spam, and summary.json holds no absolute path."""
+    import nbformat
+
+    out = quick_demo["out"]
+    nb = nbformat.read(str(out / "00_quickstart.ipynb"), as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    stderr = [o for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert len(stderr) <= 2, [o["text"][:200] for o in stderr]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert text.count("\n") < 200, f"{text.count(chr(10))} lines of stream output"
+    assert "FutureWarning" not in text and "Loading weights" not in text
+    lead = nb.cells[1]
+    assert "report" in lead.metadata.get("tags", [])
+    shown = lead.outputs[0]["data"]["text/markdown"]
+    assert "**Question.**" in shown and "**Headline.**" in shown and "| goal | met |" in shown
+    assert "**Conclusion.**" in shown and "hybrid 2MLA2GDN" in shown
+    assert all("image/png" in c.outputs[0]["data"] for c in nb.cells[2:4])
+    assert nb.cells[4].source.startswith("## Details")
+    summary = (out / "summary.json").read_text()
+    assert str(out.parent) not in summary and str(Path.home()) not in summary
+    html = (out / "00_quickstart.html").stat().st_size
+    assert html < 1_500_000, f"the HTML report is {html} bytes"
 
 
 def test_quick_demo_logs_every_metric(quick_demo):
@@ -81,20 +112,104 @@ def test_quick_demo_logs_every_metric(quick_demo):
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
     lengths = [int(x) for x in QUICK_PARAMETERS["eval_lengths"].split(",")]
-    expected = ["teacher/llama-s/niah/256", "teacher/llama-s/heldout_ppl", "eval/ppl/256", "eval/ppl/teacher/256",
-                "eval/ppl/teacher_yarn/256", "demo/teacher_niah_1x", "demo/hybrid_niah_longest", "demo/ppl_ratio",
-                "demo/cache_ratio_longest", "demo/goal/ppl_within_10pct"]
+    models = ("teacher", "teacher_yarn", "hybrid")
+    expected = [f"eval/{m}/ppl/256" for m in models] + ["train/teacher/llama-s/loss"]
     for n in lengths:
-        expected += [f"eval/niah/{n}", f"eval/niah/teacher/{n}", f"eval/niah/teacher_yarn/{n}",
-                     f"eval/cache_bytes/teacher/{n}", f"eval/cache_bytes/hybrid/{n}"]
-        expected += [f"eval/ruler/hybrid/{n}/{t}" for t in NIAH_TASKS]
+        expected += [f"eval/{m}/niah/{n}" for m in models] + [f"eval/{m}/cache_bytes/{n}" for m in models]
+        expected += [f"eval/{m}/niah/{n}/{t}" for m in models for t in NIAH_TASKS]
     missing = [m for m in expected if m not in metrics]
     assert not missing, f"not logged: {missing}"
+    assert not [k for k in metrics if k.startswith(("demo/", "teacher/", "eval/niah/", "eval/ruler/"))]
     assert any(k.startswith("train/ild") for k in metrics) and any(k.startswith("train/kd-") for k in metrics)
-    assert metrics["eval/cache_bytes/hybrid/512"] < metrics["eval/cache_bytes/teacher/512"]
+    assert len(client.get_metric_history(s["run_id"], "train/teacher/llama-s/loss")) > 1  # a curve, not a point
+    assert metrics["eval/hybrid/cache_bytes/512"] < metrics["eval/teacher/cache_bytes/512"]
+    tags = run.data.tags
+    for key in ("summary.ppl_ratio", "summary.cache_ratio_longest", "summary.goals.ppl_within_10pct"):
+        assert key in tags, key
+    assert run.info.run_name.startswith("demo-quick 2MLA2GDN seed0 20")
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert s["run_url"].endswith(f"/#/experiments/{run.info.experiment_id}/runs/{s['run_id']}")
+    assert {"tables/summary.json", "tables/results.csv"} <= {a.path for a in client.list_artifacts(s["run_id"], "tables")}
     artifacts = {a.path for a in client.list_artifacts(s["run_id"], "figures")}
     assert {"figures/niah_vs_length.png", "figures/cache_vs_length.png"} <= artifacts
     notebook = {a.path for a in client.list_artifacts(s["run_id"], "notebook")}
     assert {"notebook/00_quickstart.ipynb", "notebook/00_quickstart.html"} <= notebook
     params = run.data.params
     assert params["quick"] == "True" and params["student_layout"] == "2MLA2GDN"
+
+
+def results_fixture():
+    """A results table like evaluate_models returns, for three models at 1x .. 32x."""
+    import pandas as pd
+
+    from hylo_lab.stats import accuracy_ci
+
+    rows = []
+    for model, acc, cache in (("teacher", [1.0, 0.9, 0.3, 0.1, 0.0, 0.0], 4.0), ("teacher_yarn", [1.0, 0.8, 0.5, 0.2,
+                              0.1, 0.0], 4.0), ("hybrid", [1.0, 1.0, 0.9, 0.9, 0.8, 0.8], 1.0)):
+        for i, length in enumerate((256, 512, 1024, 2048, 4096, 8192)):
+            ci = accuracy_ci(round(acc[i] * 64), 64)
+            rows.append(dict(model=model, length=length, niah=acc[i], niah_low=ci["low"], niah_high=ci["high"], n=64,
+                             ppl=3.0, cache_bytes=cache * length * 1024,
+                             cache_bytes_measured=cache * length * 1024 if length <= 2048 else None))
+    return pd.DataFrame(rows)
+
+
+def test_demo_figures_follow_the_house_style(tmp_path):
+    """Both figures of the report render from a fixture: multiples of the training length on x, the hybrid named
+    with its layout, model colours from plots.model_color, the Wilson bands' n, the cache ratio labelled."""
+    import hylo_lab.demo as demo
+    from hylo_lab.plots import model_color
+
+    assert not hasattr(demo, "niah_figure") and not hasattr(demo, "cache_figure")
+    settings = DemoSettings(out_dir=str(tmp_path))
+    (tmp_path / "figures").mkdir()
+    figs = demo.figures(settings, results_fixture())
+    ax = figs["niah_vs_length"].axes[0]
+    assert [t.get_text().split("\n")[0] for t in ax.get_xticklabels()] == ["1x", "2x", "4x", "8x", "16x", "32x"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "hybrid 2MLA2GDN" in labels and "teacher llama-s + YaRN x64" in labels
+    colors = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    assert colors["hybrid 2MLA2GDN"] == model_color("hybrid") and colors["teacher llama-s"] == model_color("teacher")
+    assert any("n = 64" in t.get_text() for t in ax.texts)
+    cache_ax = figs["cache_vs_length"].axes[0]
+    assert any("0.25x" in t.get_text() for t in cache_ax.texts)
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {"niah_vs_length.png", "cache_vs_length.png"}
+
+
+def test_conclusion_and_report_are_written_from_the_numbers():
+    import hylo_lab.demo as demo
+
+    summary = dict(quick=False, teacher_niah_1x=1.0, hybrid_niah_longest=0.83, longest=8192, longest_multiple=32.0,
+                   teacher_niah_beyond_4x_max=0.05, teacher_yarn_niah_beyond_4x_max=0.11, ppl_ratio=1.04,
+                   cache_ratio_longest=0.27, seconds=600.0, run_url="http://127.0.0.1:5000/#/experiments/1/runs/x",
+                   goals=dict(teacher_niah_1x_ge_95=True, hybrid_niah_32x_ge_80=True,
+                              teachers_below_20_beyond_4x=True, ppl_within_10pct=True))
+    text = demo.conclusion(summary, "2MLA2GDN")
+    assert "NIAH 0.83 at 8192 tokens (32x" in text and "0.27x the teacher's cache" in text
+    assert "at most 0.05 (0.11 with YaRN)" in text and "4 of 4 goals met." in text
+    shown = demo.report(summary, DemoSettings()).data
+    assert shown.index("**Question.**") < shown.index("**Headline.**") < shown.index("| goal |") \
+        < shown.index("**Conclusion.**")
+    assert "http://127.0.0.1:5000/#/experiments/1/runs/x" in shown
+    summary["goals"]["ppl_within_10pct"] = False
+    assert "3 of 4 goals met" in demo.conclusion(summary)
+
+
+def test_progress_bars_print_a_few_lines_off_a_terminal(capsys, monkeypatch):
+    from hylo_lab.progress import Overall, bar
+
+    monkeypatch.setenv("HYLO_LAB_PROGRESS", "lines")
+    for _ in bar(range(1000), desc="teacher llama-s"):
+        pass
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert 2 <= len(lines) <= 5 and lines[-1].startswith("teacher llama-s: 1000/1000 done in")
+    seen = []
+    overall = Overall("demo", dict(a=10.0, b=30.0), echo=seen.append)
+    overall.step("a")
+    assert seen[0].startswith("[demo 1/2 a | 0:00 elapsed, about 0:40 left]")
+    overall.t0 -= 20.0  # step a took twice its typical time: b is expected to as well
+    overall.step("b")
+    assert "about 1:00 left" in seen[1] and seen[1].startswith("[demo 2/2 b | 0:20 elapsed")
+    assert overall.done().startswith("[demo done in 0:20")

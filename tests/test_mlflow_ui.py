@@ -1,6 +1,7 @@
 """The MLflow UI shows a sweep: run tests/data/tiny_sweep.yaml (two parallel jobs) into a sqlite store, serve it with
-`mlflow server` on 127.0.0.1, open the experiment's runs page in headless Chromium, expand the parent run and
-find every point's child run by name. The screenshot is kept in tests/artifacts/mlflow_ui.png, and copied to
+`mlflow server` on 127.0.0.1, open the experiment's page as a user would (its plain address, no tab chosen) in
+headless Chromium, check that it opens on the runs table (MLflow 3.17 opens experiments not tagged as model
+development on a GenAI traces view), expand the parent run and find every point's child run by name. The screenshot is kept in tests/artifacts/mlflow_ui.png, and copied to
 ablations/results/mlflow_ui.png when HYLO_LAB_UI_SCREENSHOT=1."""
 import os
 import shutil
@@ -96,6 +97,10 @@ def test_sweep_runs_are_visible_in_the_mlflow_ui(tmp_path, mlflow_server):
                         out_dir=tmp_path / "notebooks", echo=lambda *a: None)
     assert summary.status.tolist() == ["FINISHED", "FINISHED", "FAILED"]
     experiment_id = find_runs("tiny_sweep", tracking_uri=uri)[0]["experiment_id"]
+    import mlflow
+
+    kind = mlflow.MlflowClient(uri).get_experiment(experiment_id).tags.get("mlflow.experimentKind")
+    assert kind == "custom_model_development", f"experiment kind {kind!r}: the UI would open on traces"
     wait_for(f"{base}/health", 90, server, log)
 
     keep = ROOT / "tests" / "artifacts" / "mlflow_ui.png"
@@ -103,10 +108,11 @@ def test_sweep_runs_are_visible_in_the_mlflow_ui(tmp_path, mlflow_server):
     expected = {"tiny", *summary.point}
     driver = chrome()
     try:
-        driver.get(f"{base}/#/experiments/{experiment_id}/runs")
+        driver.get(f"{base}/#/experiments/{experiment_id}")  # what the experiments list links to
         body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
-        # the footer counts parent and children once every run is loaded
+        # the footer counts parent and children once every run is loaded: the runs table is what opened
         WebDriverWait(driver, 60).until(lambda d: f"{len(expected)} matching runs" in body(d).replace("\n", " "))
+        assert "/traces" not in driver.current_url and "Detect issues" not in body(driver), driver.current_url
         for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
             button.click()  # the assistant side panel, so the table gets the width
         name_cells = "[col-id='attributes.`Run Name`'] a"

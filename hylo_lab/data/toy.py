@@ -268,7 +268,7 @@ def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = 
     Without `tokenizer` / `train_texts` the toy world's (built if needed, no teachers) are used.
     Returns the model in eval mode on CPU; `model.train_log` holds the loss per step, tokens and seconds.
     """
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
     from transformers import AutoModelForCausalLM
 
     if tokenizer is None or train_texts is None:
@@ -312,7 +312,7 @@ def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = 
                answer_weight=answer_weight, weight_decay=weight_decay)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"teacher {name}", disable=not progress, mininterval=1.0)
+    bar = progress_bar(range(steps), desc=f"teacher {name}", disable=not progress, mininterval=1.0)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
@@ -415,6 +415,13 @@ def _build(final: Path, build_fn, progress: bool) -> None:
     os.replace(tmp, final)
 
 
+def first_build_warning(name: str, quick: bool, root: Path) -> str:
+    """The line printed before a teacher is trained for the first time: how long it usually takes."""
+    took = "under a minute" if quick else "usually 8-20 min on a 2-core CPU, a few minutes on a GPU"
+    return (f"warning: training the toy teacher {name} for the first time ({took}); "
+            f"later runs reuse it from {root}")
+
+
 def get_toy_world(root: str | Path | None = None, *, teachers=("llama-s",), quick: bool = False, seed: int = 0,
                   progress: bool = True) -> ToyWorld:
     """Build (or reuse) corpus, tokenizer and the requested teachers under `root` (default `$HYLO_LAB_HOME` or
@@ -458,6 +465,8 @@ def get_toy_world(root: str | Path | None = None, *, teachers=("llama-s",), quic
                         loss_first=log["loss"][0], loss_last=log["loss"][-1], loss=log["loss"])
 
         tdir.parent.mkdir(parents=True, exist_ok=True)
+        if progress and not (tdir / "done.json").exists():
+            print(first_build_warning(name, quick, wdir.parent), flush=True)
         _build(tdir, build_teacher, progress)
     return world
 
