@@ -110,7 +110,7 @@ def cmd_eval(args):
 
 def cmd_sweep(args):
     """Run every point of an ablation YAML with papermill: one MLflow parent run, one child run per point."""
-    from hylo_lab.sweep import parse_only, run_sweep
+    from hylo_lab.sweep import parse_only, parse_seeds, run_sweep
 
     executor = None
     if args.executor == "ray":
@@ -118,7 +118,8 @@ def cmd_sweep(args):
 
         executor = RayExecutor(args.address, gpus_per_point=args.gpus_per_point, cpus_per_point=args.cpus_per_point)
     summary = run_sweep(args.sweep_file, jobs=args.jobs, dry_run=args.dry_run, only=parse_only(args.only),
-                        out_dir=args.out_dir, tracking_uri=args.tracking_uri, executor=executor)
+                        out_dir=args.out_dir, tracking_uri=args.tracking_uri, executor=executor,
+                        seeds=parse_seeds(args.seeds))
     failed = int((summary.status == "FAILED").sum())
     if failed:
         sys.exit(f"hylo-lab sweep: {failed} of {len(summary)} point(s) failed")
@@ -128,10 +129,14 @@ def cmd_compare(args):
     """A sweep's runs as a table and its plots as PNGs, logged to the sweep's parent run."""
     from hylo_lab.compare import compare
 
-    frame, figures = compare(args.sweep, tracking_uri=args.tracking_uri, out_dir=args.out_dir)
+    from hylo_lab.compare import print_statistics
+
+    frame, figures = compare(args.sweep, tracking_uri=args.tracking_uri, out_dir=args.out_dir,
+                             paired_points=args.paired, from_points=args.from_points)
     print(frame.drop(columns=["run_id"]).to_string(index=False, float_format="{:.4g}".format))
-    print(f"{len(figures)} figure(s) and runs.csv in {frame.attrs['out_dir']}, logged to parent run "
-          f"{frame.attrs['parent_run_id']}")
+    print_statistics(frame)
+    print(f"{len(figures)} figure(s), runs.csv and aggregates.csv in {frame.attrs['out_dir']}"
+          + (f", logged to parent run {frame.attrs['parent_run_id']}" if frame.attrs.get("parent_run_id") else ""))
 
 
 def cmd_distill(args):
@@ -288,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="KEY=VALUE",
                    help="run only points with this parameter value (repeat: same key = any of, keys = all of)")
     p.add_argument("--out-dir", help="executed notebooks go here (default runs/sweeps/NAME/)")
+    p.add_argument("--seeds", metavar="0,1,2", help="these seeds instead of the YAML's `seeds`")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: papermill processes here (default); ray: one Ray task per point (pip install "
@@ -302,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="ablations/NAME.yaml or a sweep name already in MLflow")
     p.add_argument("--out-dir", help="figures and runs.csv go here (default ablations/results/NAME/)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)")
+    p.add_argument("--paired", nargs=2, action="append", metavar=("A", "B"),
+                   help='point A vs point B, seeds paired: mean difference A - B and its 95%% CI per metric, e.g. '
+                        '--paired "layout=2MLA2GDN;linear=gdn" "layout=3MLA1GDN;linear=gdn" (repeatable)')
+    p.add_argument("--from-points", action="store_true",
+                   help="read the YAML's exported points (results/NAME/points/*.json) instead of MLflow")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the whole toy HyLo recipe end to end (teachers, upcycle, ILD, KD + YaRN, "

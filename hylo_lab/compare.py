@@ -5,7 +5,14 @@ scatter; `where` keeps the rows whose columns have the given values ({layout: 2M
 `y` is a metric name, or a pattern with one placeholder such as "eval/niah/{length}": every metric matching it
 becomes a row of a long table whose `length` column holds the matched part (a number where it parses), so
 "NIAH accuracy vs length, one line per layout" is {x: length, y: "eval/niah/{length}", hue: layout}. Only
-FINISHED runs are plotted; with several seeds per point seaborn draws the mean and its confidence band.
+FINISHED runs are plotted; with several seeds per point seaborn draws the mean and its 95% interval
+(errorbar=("ci", 95): a bootstrap over the seeds' rows).
+
+Statistics (hylo_lab.stats): `aggregate` gives per point (the non-seed axes) and metric the mean over seeds, its
+95% interval (bootstrap over seeds, stats.SEED_CI) and n; `paired` compares point A with point B over the seeds
+both ran (per-seed differences A - B, their mean and bootstrap interval). compare writes them as aggregates.csv
+and paired.csv beside runs.csv. Without MLflow, the frame comes from the exported points
+(results/<name>/points/*.json, executors.export_result).
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import json
 import re
 from pathlib import Path
 
-from .sweep import _PATTERN, SweepError, child_runs, find_parent, load_sweep, point_key, runs_frame
+from .sweep import _PATTERN, SweepError, _export_as_run, child_runs, find_parent, load_sweep, point_key, runs_frame
+
+PAIRED_CI = "bootstrap over paired seeds (BCa, 95%)"
 
 
 def sweep_runs(sweep, *, tracking_uri: str | None = None):
@@ -40,6 +49,108 @@ def sweep_runs(sweep, *, tracking_uri: str | None = None):
         frame = frame[frame.point.isin(order)].sort_values("point", key=lambda s: s.map(order)).reset_index(drop=True)
     frame.attrs.update(parent_run_id=parent["run_id"], tracking_uri=uri, sweep=spec.get("name"))
     return frame, spec, parent
+
+
+def exported_runs(sweep_file, points_dir=None):
+    """(frame, spec) from the exported points of a sweep YAML, without MLflow: runs.csv regenerated."""
+    from .executors import read_exports
+
+    loaded = load_sweep(sweep_file)
+    folder = Path(points_dir or loaded.points_dir)
+    exported = read_exports(folder)
+    if not exported:
+        raise SweepError(f"no exported points in {folder}: run `hylo-lab sweep {sweep_file}` first")
+    order = {point_key(p): i for i, p in enumerate(loaded.points())}
+    runs = [_export_as_run(d) for k, d in exported.items() if k in order]
+    frame = runs_frame(runs, loaded.axes, newest_first=False)
+    frame = frame.sort_values("point", key=lambda s: s.map(order)).reset_index(drop=True)
+    frame.attrs.update(parent_run_id=None, tracking_uri=None, sweep=loaded.name, points_dir=str(folder))
+    return frame, dict(loaded.spec(), path=str(loaded.path))
+
+
+def metric_columns(frame, axes) -> list[str]:
+    return [c for c in frame.columns if c not in ("point", *axes, "status", "duration_s", "run_id")]
+
+
+def _finished(frame):
+    return frame[frame.status.isin(["FINISHED", "SKIPPED"])] if "status" in frame else frame
+
+
+def aggregate(frame, axes, metrics=None):
+    """One row per point (its non-seed axes) and metric: mean over seeds, low, high (95% bootstrap over seeds),
+    n (seeds with a value) and ci (which interval), from the FINISHED rows."""
+    from .stats import summarize
+
+    by = [a for a in axes if a != "seed"]
+    metrics = metrics if metrics is not None else metric_columns(frame, axes)
+    data = _finished(frame).copy()
+    for col in by:
+        data[col] = data[col].astype(str)  # None and mixed types group as their text
+    return summarize(data, by, metrics)
+
+
+def parse_selector(text: str) -> dict:
+    """"layout=2MLA2GDN;linear=gdn" (or commas) -> {"layout": "2MLA2GDN", "linear": "gdn"}."""
+    out = {}
+    for item in re.split(r"[;,]", text):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key.strip():
+            raise SweepError(f"--paired expects KEY=VALUE[;KEY=VALUE...] for each point, got {text!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _seed_values(frame, selector: dict, metric: str, text: str) -> dict:
+    missing = [k for k in selector if k not in frame]
+    if missing:
+        raise SweepError(f"--paired {text}: {', '.join(missing)} is not a column of the sweep's table; use one of "
+                         f"{', '.join(c for c in frame.columns if c not in ('status', 'duration_s', 'run_id'))}")
+    rows = _finished(frame)
+    for key, value in selector.items():
+        rows = rows[rows[key].astype(str) == value]
+    if rows.empty:
+        raise SweepError(f"--paired {text}: no finished point matches")
+    seeds = rows["seed"] if "seed" in rows else [0] * len(rows)
+    if len(set(seeds)) < len(rows):
+        points = sorted(set(rows.point))
+        raise SweepError(f"--paired {text}: matches {len(rows) // len(set(seeds))} points per seed "
+                         f"({', '.join(points[:4])}); add KEY=VALUE to pick one")
+    return {s: float(v) for s, v in zip(seeds, rows[metric]) if v == v}
+
+
+def paired(frame, a, b, metrics=None):
+    """Point A vs point B (selectors: dicts or "KEY=VALUE;..." strings), seeds paired: one row per metric with
+    the mean of the per-seed differences A - B, its 95% bootstrap interval, n and the seeds used."""
+    import pandas as pd
+
+    from .stats import paired_difference
+
+    texts = [x if isinstance(x, str) else ";".join(f"{k}={v}" for k, v in x.items()) for x in (a, b)]
+    sel = [parse_selector(x) if isinstance(x, str) else {k: str(v) for k, v in x.items()} for x in (a, b)]
+    if metrics is None:  # runs_frame's columns: point, axes, status, duration_s, run_id, then the metrics
+        columns = list(frame.columns)
+        metrics = columns[columns.index("run_id") + 1:] if "run_id" in columns else []
+    rows = []
+    for metric in metrics:
+        va, vb = (_seed_values(frame, s, metric, t) for s, t in zip(sel, texts))
+        diff = paired_difference(va, vb)
+        rows.append(dict(a=texts[0], b=texts[1], metric=metric, mean_a=_mean(va, diff["seeds"]),
+                         mean_b=_mean(vb, diff["seeds"]), **diff, ci=PAIRED_CI))
+    return pd.DataFrame(rows, columns=["a", "b", "metric", "mean_a", "mean_b", "mean", "low", "high", "n", "seeds",
+                                       "ci"])
+
+
+def _mean(values: dict, seeds) -> float:
+    return sum(values[s] for s in seeds) / len(seeds) if seeds else float("nan")
+
+
+def format_interval(row) -> str:
+    """"0.61 [0.52, 0.70] n=3"."""
+    if row["n"] == 0:
+        return "n=0"
+    if row["low"] != row["low"]:
+        return f"{row['mean']:.3g} n={row['n']}"
+    return f"{row['mean']:.3g} [{row['low']:.3g}, {row['high']:.3g}] n={row['n']}"
 
 
 def long_form(frame, y: str):
@@ -88,14 +199,15 @@ def plot_sweep(frame, plot: dict, *, title: str | None = None):
         if col:
             data[col] = data[col].astype(str)  # categories, not a colour scale
     common = dict(data=data, x=x, y=y, hue=hue, ax=ax)
+    ci = dict(errorbar=("ci", 95), seed=0)  # bootstrap over the rows of a point: its seeds
     if kind == "line":
-        sns.lineplot(**common, style=style, marker="o")
+        sns.lineplot(**common, style=style, marker="o", **ci)
     elif kind == "scatter":
         sns.scatterplot(**common, style=style)
     elif kind == "point":
-        sns.pointplot(**common)
+        sns.pointplot(**common, **ci)
     elif kind == "bar":
-        sns.barplot(**common)
+        sns.barplot(**common, **ci)
     elif kind == "box":
         sns.boxplot(**common)
     values = data[x]
@@ -117,16 +229,29 @@ def figure_name(plot: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(parts)).strip("_")
 
 
-def compare(sweep, *, tracking_uri: str | None = None, out_dir=None, log: bool = True):
-    """The sweep's points as a DataFrame, and one figure per plot spec, saved as PNG (with runs.csv) in `out_dir`
-    (default: results/<name>/ beside the YAML, or ablations/results/<name>/) and logged to the parent run
-    under figures/ and tables/. Returns (DataFrame, [figures]). An unwritable `out_dir` is refused before MLflow
-    is read; the files replace the previous ones only once all are written."""
+def compare(sweep, *, tracking_uri: str | None = None, out_dir=None, log: bool = True, paired_points=None,
+            from_points: bool = False, points_dir=None):
+    """The sweep's points as a DataFrame, and one figure per plot spec, saved as PNG (with runs.csv,
+    aggregates.csv and, for `paired_points` = [(A, B), ...], paired.csv) in `out_dir` (default: results/<name>/
+    beside the YAML, or ablations/results/<name>/) and logged to the parent run under figures/ and tables/.
+    from_points: read the YAML's exported points (or `points_dir`) instead of MLflow. Returns (DataFrame,
+    [figures]); frame.attrs holds `aggregates` and `paired` as lists of rows. An unwritable `out_dir` is refused
+    before MLflow is read; the files replace the previous ones only once all are written."""
     from .outputs import check_writable, staged
 
     if out_dir is not None:
         check_writable(out_dir, "--out-dir")
-    frame, spec, parent = sweep_runs(sweep, tracking_uri=tracking_uri)
+    if from_points or points_dir:
+        frame, spec = exported_runs(sweep, points_dir)
+        parent, log = None, False
+    else:
+        frame, spec, parent = sweep_runs(sweep, tracking_uri=tracking_uri)
+    axes = spec.get("axes", [])
+    aggregates = aggregate(frame, axes)
+    pairs = [paired(frame, a, b) for a, b in paired_points or []]
+    import pandas as pd
+
+    pairs = pd.concat(pairs, ignore_index=True) if pairs else None
     name = spec.get("name") or str(sweep)
     if out_dir is None:
         out_dir = (Path(spec["path"]).parent if spec.get("path") else Path("ablations")) / "results" / name
@@ -138,6 +263,9 @@ def compare(sweep, *, tracking_uri: str | None = None, out_dir=None, log: bool =
             fig.savefig(tmp / f"{figure_name(plot)}.png", dpi=120, bbox_inches="tight")
             figures.append(fig)
         frame.to_csv(tmp / "runs.csv", index=False)
+        aggregates.to_csv(tmp / "aggregates.csv", index=False)
+        if pairs is not None:
+            pairs.to_csv(tmp / "paired.csv", index=False)
     if log:
         from .tracking import Tracker
 
@@ -145,5 +273,25 @@ def compare(sweep, *, tracking_uri: str | None = None, out_dir=None, log: bool =
         for plot, fig in zip(spec.get("plots", []), figures):
             tracker.log_artifact(out_dir / f"{figure_name(plot)}.png", "figures")
         tracker.log_artifact(out_dir / "runs.csv", "tables")
-    frame.attrs["out_dir"] = str(out_dir)
+        tracker.log_artifact(out_dir / "aggregates.csv", "tables")
+        if pairs is not None:
+            tracker.log_artifact(out_dir / "paired.csv", "tables")
+    frame.attrs.update(out_dir=str(out_dir), aggregates=aggregates.to_dict("records"),
+                       paired=[] if pairs is None else pairs.to_dict("records"))
     return frame, figures
+
+
+def print_statistics(frame, echo=print) -> None:
+    """The aggregates (mean [95% CI] n per point and metric) and paired comparisons that compare computed."""
+    import pandas as pd
+
+    agg = pd.DataFrame(frame.attrs.get("aggregates") or [])
+    if not agg.empty:
+        by = [c for c in agg.columns if c not in ("metric", "mean", "low", "high", "n", "ci")]
+        agg["value"] = agg.apply(format_interval, axis=1)
+        table = agg.pivot_table(index=by, columns="metric", values="value", aggfunc="first", sort=False) if by else (
+            agg.set_index("metric")[["value"]].T)
+        echo(f"mean over seeds [95% CI] n ({agg.ci.iloc[0]}):")
+        echo(table.to_string())
+    for row in frame.attrs.get("paired") or []:
+        echo(f"{row['a']} - {row['b']}, {row['metric']}: {format_interval(row)} (seeds {row['seeds']}; {row['ci']})")

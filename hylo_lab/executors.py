@@ -8,8 +8,9 @@ Contract, shared with sweep._execute: called with the sweep's task dicts, it yie
     (`mlflow server --backend-store-uri sqlite:///$PWD/mlflow.db --artifacts-destination $PWD/mlartifacts
     --host 0.0.0.0 --port 5000`, then `--tracking-uri http://HEAD:5000`); a sqlite or file URI only works when
     every worker runs on the driver's machine.
-  - after each point the driver exports <out_dir>/results/<point>.json (key, status, run_id, tags, params,
-    metrics) from what the child run logged in MLflow, so no result lives only on a worker's disk.
+  - after each point the driver (sweep._run_points, for every executor) exports the sweep's
+    results/<name>/points/<point>.json (export_result) from what the child run logged in MLflow, so no result lives
+    only on a worker's disk; the worker records where it ran (where_it_ran).
   - a worker (or node) that dies mid-point is not retried (max_retries=0): the driver marks the point's child run
     FAILED with an `error` tag saying so, and a re-run of the sweep runs it again (it only skips FINISHED points).
     A point is a notebook with side effects and logged metrics; a silent retry would double-log into one run.
@@ -36,25 +37,77 @@ def _remote_point(task: dict) -> dict:
 
 
 def export_result(task: dict, result: dict, results_dir: Path) -> Path:
-    """<results_dir>/<point>.json from the child run MLflow holds (or the bare result when untracked)."""
+    """<results_dir>/<point>.json: what a point produced, readable without MLflow (a sweep resumes from it and
+    compare rebuilds runs.csv from it): point, status, run_id, duration_s, error, params_hash, parameters, axes,
+    where (host, device, git sha of the machine that ran it), tags, params and metrics of the child run (from
+    MLflow when tracked). Written to a temporary file, then moved into place."""
     from .sweep import _slug
     from .tracking import find_runs
 
     run = None
     if result.get("run_id") and task.get("track", True):
-        found = find_runs(task["experiment"], f"attributes.run_id = '{result['run_id']}'",
-                          tracking_uri=task["tracking_uri"])
+        try:
+            found = find_runs(task["experiment"], f"attributes.run_id = '{result['run_id']}'",
+                              tracking_uri=task["tracking_uri"])
+        except Exception as exc:  # noqa: BLE001 - the export still records status, parameters and where
+            print(f"[hylo_lab] could not read run {result['run_id']} back from MLflow: {exc}", file=sys.stderr)
+            found = []
         run = found[0] if found else None
+    tags = {**task.get("tags", {}), **{k: v for k, v in (run or {}).get("tags", {}).items()
+                                        if not k.startswith("mlflow.")}}
+    if result.get("duration_s") is not None:
+        tags.setdefault("duration_s", f"{result['duration_s']:.1f}")
     data = dict(point=task["key"], status=result["status"], run_id=result.get("run_id"),
                 duration_s=result.get("duration_s"), error=result.get("error", ""),
-                tags={k: v for k, v in (run or {}).get("tags", {}).items() if not k.startswith("mlflow.")},
-                params=(run or {}).get("params", {}), metrics=(run or {}).get("metrics", {}))
+                params_hash=task.get("tags", {}).get("params_hash"), parameters=task.get("parameters", {}),
+                axes=json.loads(task.get("tags", {}).get("sweep_point", "{}")), where=result.get("where", {}),
+                tags=tags, params=(run or {}).get("params", {}), metrics=(run or {}).get("metrics", {}))
+    results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{_slug(task['key'])}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+def read_exports(results_dir) -> dict[str, dict]:
+    """point key -> the exported JSON of every point in `results_dir` (export_result's files)."""
+    out = {}
+    for path in sorted(Path(results_dir).glob("*.json")) if Path(results_dir).is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "point" in data:
+            out[data["point"]] = data
+    return out
+
+
+def where_it_ran() -> dict:
+    """host, device (the GPU's name, else the CPU's) and the git sha (+ "-dirty") of the code that ran."""
+    import platform
+    import socket
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        sha = f"{sha}-dirty" if sha and dirty else sha
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    device = platform.processor() or platform.machine() or "cpu"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            device = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return dict(host=socket.gethostname(), device=device, git_sha=sha or "unknown")
 
 
 def mark_lost(task: dict, reason: str) -> str | None:
@@ -122,7 +175,6 @@ class RayExecutor:
                     run_id = mark_lost(task, reason)
                     result = dict(key=task["key"], run_id=run_id, status="FAILED",
                                   duration_s=time.perf_counter() - t0, error=reason)
-                export_result(task, result, Path(task["output"]).parent / "results")
                 yield result
         finally:
             for ref in pending:

@@ -18,6 +18,15 @@ notebook must declare them) so the notebook's own Tracker logs into the child ru
 notebook declaring `out_dir` gets a folder per point unless the sweep sets it. A point is identified by its
 `point_key` ("yarn_factor=2.0;seed=0") and a hash of its parameters: a re-run skips points whose run
 FINISHED with the same parameters, and runs the rest (failed, killed, new or changed) in new child runs.
+
+Seeds: `seeds` crosses every point with `seed` (the notebook's student seed: init, data order, evaluation
+samples; what the seed does not change, such as the quickstart's `world_seed` world and teachers, is shared);
+`hylo-lab sweep FILE --seeds 0,1,2` replaces the file's list. A point x seed is one child run tagged `seed`.
+Each point's result is also exported to `results/<name>/points/<point>.json` beside the YAML
+(executors.export_result: parameters, metrics, where it ran): a re-run skips points whose exported file
+FINISHED with the same parameters too, so a sweep resumes on another machine from the committed exports, and
+compare rebuilds runs.csv from them without MLflow. The parent run logs the aggregates over seeds
+(compare.aggregate: mean, 95% CI, n per point and metric) as tables/aggregates.csv.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from pathlib import Path
 
 TOP_LEVEL_KEYS = ("name", "notebook", "experiment", "description", "paper_finding", "fixed", "grid", "include",
                   "seeds", "metrics", "plots")
-REQUIRED_KEYS = ("name", "notebook", "experiment", "grid")
+REQUIRED_KEYS = ("name", "notebook", "experiment")
 INJECTED = ("run_id", "parent_run_id", "experiment", "tracking_uri")
 PLOT_KEYS = ("x", "y", "hue", "style", "kind", "where", "title", "name")
 PLOT_KINDS = ("line", "point", "bar", "box", "scatter")
@@ -178,6 +187,11 @@ class Sweep:
             raise SweepError(f"--only {only} matches none of the {len(self.points())} points of sweep {self.name!r}")
         return chosen
 
+    @property
+    def points_dir(self) -> Path:
+        """Where each point's result is exported: results/<name>/points/ beside the YAML."""
+        return self.path.parent / "results" / self.name / "points"
+
     def spec(self) -> dict:
         """What compare needs to rebuild the plots from MLflow alone (stored as the parent's `sweep_spec` tag)."""
         return dict(name=self.name, experiment=self.experiment, axes=self.axes, metrics=self.metrics, plots=self.plots)
@@ -209,9 +223,10 @@ def _resolve_notebook(sweep_file: Path, notebook: str) -> tuple[Path, list[Path]
     return found.resolve(), candidates
 
 
-def load_sweep(path, *, declared: dict[str, Param] | None = None) -> Sweep:
+def load_sweep(path, *, declared: dict[str, Param] | None = None, seeds: list[int] | None = None) -> Sweep:
     """Read and validate a sweep file; raises SweepError listing every problem. `declared` stands in for the
-    notebook's parameters (tests of sweep files whose notebook is not written yet)."""
+    notebook's parameters (tests of sweep files whose notebook is not written yet); `seeds` replaces the file's
+    `seeds` (the command line's --seeds)."""
     import yaml
 
     path = Path(path)
@@ -259,7 +274,9 @@ def load_sweep(path, *, declared: dict[str, Param] | None = None) -> Sweep:
         return dict(value)
 
     fixed, grid = mapping("fixed"), mapping("grid")
-    if "grid" in spec and not grid:
+    if "grid" not in spec and not spec.get("include"):
+        problems.append("missing required key 'grid' (or `include`: a list of points)")
+    elif "grid" in spec and not grid and not spec.get("include"):
         problems.append("grid is empty: a sweep needs at least one parameter with a list of values")
     for key, values in list(grid.items()):
         if not isinstance(values, list) or not values:
@@ -276,9 +293,11 @@ def load_sweep(path, *, declared: dict[str, Param] | None = None) -> Sweep:
         problems.append("include must be a list of non-empty mappings, each one extra point")
         include = []
 
-    seeds = spec.get("seeds") or []
+    given_seeds = seeds
+    seeds = list(given_seeds) if given_seeds is not None else (spec.get("seeds") or [])
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        problems.append(f"seeds must be a list of integers, got {seeds!r}")
+        where = "--seeds" if given_seeds is not None else "seeds"
+        problems.append(f"{where} must be a list of integers, got {seeds!r}")
         seeds = []
     if seeds and ("seed" in grid or "seed" in fixed or any("seed" in p for p in include)):
         problems.append("seed is set by `seeds`: remove it from fixed, grid and include")
@@ -400,6 +419,10 @@ def _run_point(task: dict) -> dict:
     params = {**task["parameters"], "run_id": tracker.run_id or "", "parent_run_id": task["parent_run_id"],
               "experiment": task["experiment"], "tracking_uri": task["tracking_uri"]}
     tracker.log_dict(params, "parameters.json", "notebook")
+    from .executors import where_it_ran
+
+    where = where_it_ran()
+    tracker.set_tags({f"ran_on.{k}": v for k, v in where.items()})
     output = Path(task["output"])
     output.unlink(missing_ok=True)
     status, error = "FINISHED", ""
@@ -422,7 +445,8 @@ def _run_point(task: dict) -> dict:
     tracker.set_tags({"duration_s": f"{duration:.1f}", "executed_notebook": str(output.resolve())})
     tracker.end(status)
     first_line = error.strip().splitlines()[0] if error.strip() else ""
-    return dict(key=task["key"], run_id=tracker.run_id, status=status, duration_s=duration, error=first_line)
+    return dict(key=task["key"], run_id=tracker.run_id, status=status, duration_s=duration, error=first_line,
+                where=where)
 
 
 def find_parent(name: str, experiment: str | None, tracking_uri: str) -> dict | None:
@@ -507,12 +531,15 @@ def runs_frame(runs: list[dict], axes: list[str], metrics: list[str] | None = No
 
 
 def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None = None, out_dir=None,
-              tracking_uri: str | None = None, kernel_name: str | None = None, echo=print, executor=None):
+              tracking_uri: str | None = None, kernel_name: str | None = None, echo=print, executor=None,
+              seeds: list[int] | None = None, points_dir=None):
     """Run every point of a sweep file (see the module docstring); returns the summary DataFrame (point, axes,
     status FINISHED / FAILED / SKIPPED / PLANNED, duration_s, run_id, metrics). Executed notebooks are kept in
     `out_dir` (default runs/sweeps/<name>/) and logged to their child runs under notebook/. `out_dir` is locked
     while the sweep runs (a second sweep into it is refused); with MLflow unavailable (tracking.store_problem) every
-    point still runs, untracked."""
+    point still runs, untracked. `seeds` replaces the file's seeds; each point's result is exported to
+    `points_dir` (default Sweep.points_dir) and a point exported there as FINISHED with the same parameters is
+    skipped."""
     import pandas as pd
 
     from .outputs import check_writable, locked
@@ -520,8 +547,9 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise SweepError(f"--jobs {jobs!r}: give a positive number of parallel points")
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, seeds=seeds)
     points = sweep.select(only)
+    points_dir = Path(points_dir or sweep.points_dir).resolve()
     uri = tracking_uri or default_tracking_uri()
     out_dir = Path(out_dir or Path("runs") / "sweeps" / sweep.name).resolve()
     axes = sweep.axes
@@ -537,6 +565,7 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
     if out_dir.exists() and not out_dir.is_dir():
         raise SweepError(f"--out-dir {out_dir} is a file; give a folder")
     check_writable(out_dir, "--out-dir")
+    check_writable(points_dir, "the exported points' folder")
     with locked(out_dir, f"hylo-lab sweep {sweep.name}"):
         out_dir.mkdir(parents=True, exist_ok=True)
         problem = store_problem(uri)
@@ -544,11 +573,19 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
             print(f"[hylo_lab] MLflow unavailable, the sweep runs without tracking (no finished point can be "
                   f"skipped, no metrics in the summary): {problem}", file=sys.stderr)
         parent = None if problem else _open_parent(sweep, uri)
-        return _run_points(sweep, points, parent, uri, out_dir, jobs, kernel_name, echo, executor)
+        return _run_points(sweep, points, parent, uri, out_dir, jobs, kernel_name, echo, executor, points_dir)
+
+
+def _export_as_run(data: dict) -> dict:
+    """An exported point (executors.export_result) in find_runs' form, for runs_frame."""
+    tags = dict(data.get("tags") or {}, point_key=data["point"])
+    tags.setdefault("sweep_point", json.dumps(data.get("axes") or {}))
+    return dict(run_id=data.get("run_id"), status=data.get("status", "FAILED"), tags=tags,
+                metrics=data.get("metrics") or {}, params=data.get("params") or {})
 
 
 def _run_points(sweep: Sweep, points: list[dict], parent, uri: str, out_dir: Path, jobs: int, kernel_name, echo,
-                executor=None):
+                executor=None, points_dir: Path | None = None):
     """run_sweep's work once the folder is locked; `parent` None: MLflow is unavailable, nothing is tracked."""
     import pandas as pd
 
@@ -558,12 +595,21 @@ def _run_points(sweep: Sweep, points: list[dict], parent, uri: str, out_dir: Pat
         if run["status"] == "FINISHED":
             finished.setdefault((run["tags"].get("point_key"), run["tags"].get("params_hash")), run)
 
-    tasks, skipped = [], {}
+    from .executors import export_result, read_exports
+
+    points_dir = Path(points_dir or sweep.points_dir)
+    exported = read_exports(points_dir)
+    tasks, skipped, from_exports = [], {}, {}
     for p in points:
         key, params = point_key(p), sweep.parameters(p)
         digest = params_hash(params)
         if (key, digest) in finished:
             skipped[key] = finished[(key, digest)]["run_id"]
+            continue
+        done = exported.get(key, {})
+        if done.get("status") == "FINISHED" and done.get("params_hash") == digest:
+            skipped[key] = done.get("run_id")
+            from_exports[key] = _export_as_run(done)
             continue
         if "out_dir" in sweep.declared and "out_dir" not in params:
             params["out_dir"] = str(out_dir / _slug(key))
@@ -579,9 +625,11 @@ def _run_points(sweep: Sweep, points: list[dict], parent, uri: str, out_dir: Pat
          f"with {min(jobs, max(len(tasks), 1))} job(s); "
          + (f"parent run {parent.run_id} in experiment {sweep.experiment!r} at {uri}" if parent else "not tracked"))
     results = {}
+    by_key = {t["key"]: t for t in tasks}
     try:
         for i, result in enumerate((executor or _execute)(tasks, jobs), 1):  # executor: executors.RayExecutor
             results[result["key"]] = result
+            export_result(by_key[result["key"]], result, points_dir)
             note = f"  ({result['error']})" if result["error"] else ""
             echo(f"[{i}/{len(tasks)}] {result['key']}: {result['status']} in {result['duration_s']:.1f} s{note}")
     except KeyboardInterrupt:
@@ -589,28 +637,49 @@ def _run_points(sweep: Sweep, points: list[dict], parent, uri: str, out_dir: Pat
             parent.end("KILLED")
         raise
     if parent is None:
-        summary = pd.DataFrame([dict(point=point_key(p), **sweep.axis_values(p), status=results[point_key(p)]["status"],
-                                     duration_s=results[point_key(p)]["duration_s"], run_id=None) for p in points],
-                               columns=["point", *axes, "status", "duration_s", "run_id"])
-        summary.attrs.update(parent_run_id=None, tracking_uri=uri, out_dir=str(out_dir))
+        rows = []
+        for p in points:
+            key = point_key(p)
+            run = from_exports.get(key) or dict(run_id=None, status=results[key]["status"], metrics={},
+                                                tags={"duration_s": f"{results[key]['duration_s']:.1f}"})
+            rows.append(dict(run, tags={**run["tags"], "point_key": key,
+                                        "sweep_point": json.dumps(sweep.axis_values(p))}))
+        summary = runs_frame(rows, axes, sweep.metrics, newest_first=False)
+        summary.loc[summary.point.isin(list(skipped)), "status"] = "SKIPPED"
+        summary.attrs.update(parent_run_id=None, tracking_uri=uri, out_dir=str(out_dir), points_dir=str(points_dir))
         return _report(summary, out_dir, echo)
 
     runs = child_runs(parent.run_id, sweep.experiment, uri)
     latest = runs_frame(runs, axes)
     latest = latest[latest.point.isin([point_key(p) for p in sweep.points()])]  # not points since removed
-    parent.end("FAILED" if (latest.status == "FAILED").any() else "FINISHED")
 
     by_id = {r["run_id"]: r for r in runs}
     rows = []
     for p in points:
         key = point_key(p)
         run_id = skipped.get(key) or results.get(key, {}).get("run_id")
-        run = by_id.get(run_id, dict(run_id=run_id, status="FAILED", tags={}, metrics={}))
+        run = by_id.get(run_id) or from_exports.get(key) or dict(run_id=run_id, status="FAILED", tags={}, metrics={})
         rows.append(dict(run, tags={**run["tags"], "point_key": key, "sweep_point": json.dumps(sweep.axis_values(p))}))
     summary = runs_frame(rows, axes, sweep.metrics, newest_first=False)
+    _log_aggregates(parent, summary, sweep, out_dir)
+    parent.end("FAILED" if (latest.status == "FAILED").any() else "FINISHED")
     summary.loc[summary.point.isin(list(skipped)), "status"] = "SKIPPED"
-    summary.attrs.update(parent_run_id=parent.run_id, tracking_uri=uri, out_dir=str(out_dir))
+    summary.attrs.update(parent_run_id=parent.run_id, tracking_uri=uri, out_dir=str(out_dir),
+                         points_dir=str(points_dir))
     return _report(summary, out_dir, echo)
+
+
+def _log_aggregates(parent, summary, sweep: Sweep, out_dir: Path) -> None:
+    """The parent run's tables/aggregates.csv: mean over seeds, 95% CI and n per point and metric."""
+    from .compare import aggregate
+
+    metrics = [c for c in summary.columns if c not in ("point", *sweep.axes, "status", "duration_s", "run_id")]
+    table = aggregate(summary, sweep.axes, metrics)
+    if table.empty:
+        return
+    path = out_dir / "aggregates.csv"
+    table.to_csv(path, index=False)
+    parent.log_artifact(path, "tables")
 
 
 def _report(summary, out_dir: Path, echo):
@@ -656,3 +725,16 @@ def parse_only(items: list[str] | None) -> dict:
         only.setdefault(key.strip(), []).append(value.strip())
     return only
 
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """"0,1,2" -> [0, 1, 2]; None -> None (the YAML's seeds)."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SweepError(f"--seeds {text!r}: expected comma-separated integers like 0,1,2") from None
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise SweepError(f"--seeds {text!r}: give distinct integers like 0,1,2")
+    return seeds

@@ -146,7 +146,7 @@ def test_ray_sweep_with_a_worker_killed_mid_point_stays_consistent_and_a_rerun_c
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags["point_key"] == lost
     assert "worker lost" in failed[0].data.tags["error"]
-    exported = json.loads((out / "results" / f"{lost}.json").read_text())
+    exported = json.loads((tmp_path / "results" / "ray_tiny" / "points" / f"{lost}.json").read_text())
     assert exported["status"] == "FAILED" and exported["run_id"] == failed[0].info.run_id
 
     second = run_sweep(path, tracking_uri=uri, out_dir=out, echo=lambda *a: None,
@@ -160,7 +160,7 @@ def test_ray_sweep_with_a_worker_killed_mid_point_stays_consistent_and_a_rerun_c
                if r.data.tags.get("sweep_role") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     for x in (1, 2, 3):
-        result = json.loads((out / "results" / f"x={x}.json").read_text())
+        result = json.loads((tmp_path / "results" / "ray_tiny" / "points" / f"x={x}.json").read_text())
         run = client.get_run(result["run_id"])
         assert result["status"] == "FINISHED" and run.info.status == "FINISHED"
         assert result["metrics"]["score"] == run.data.metrics["score"] == 0.5 * x

@@ -144,7 +144,8 @@ def test_sweep_end_to_end_parent_children_failure_rerun_and_compare(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "notebooks"
-    first = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=out, echo=lambda *a: None)
+    points = tmp_path / "points"
+    first = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=out, echo=lambda *a: None, points_dir=points)
 
     assert first.point.tolist() == ["x=1", "x=2", "x=3;fail=True"]
     assert first.status.tolist() == ["FINISHED", "FINISHED", "FAILED"]
@@ -174,7 +175,7 @@ def test_sweep_end_to_end_parent_children_failure_rerun_and_compare(tmp_path):
         "notebook/x=3_fail=True.ipynb", "notebook/x=3_fail=True.traceback.txt"}
     assert (out / "x=3_fail=True.ipynb").exists() and (out / "x=1.ipynb").exists()
 
-    second = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=out, echo=lambda *a: None)
+    second = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=out, echo=lambda *a: None, points_dir=points)
     assert second.status.tolist() == ["SKIPPED", "SKIPPED", "FAILED"]
     assert second.run_id.tolist()[:2] == first.run_id.tolist()[:2]
     assert second["score"].tolist()[:2] == [0.5, 1.0]
@@ -186,7 +187,7 @@ def test_sweep_end_to_end_parent_children_failure_rerun_and_compare(tmp_path):
     assert frame.point.tolist() == ["x=1", "x=2", "x=3;fail=True"] and frame.run_id.iloc[2] == second.run_id.iloc[2]
     assert len(figures) == 2
     assert {p.name for p in (tmp_path / "results").iterdir()} == {
-        "eval_niah_vs_length_by_x.png", "score_by_x.png", "runs.csv"}
+        "eval_niah_vs_length_by_x.png", "score_by_x.png", "runs.csv", "aggregates.csv"}
     logged = {a.path for a in client.list_artifacts(parent_id, "figures")}
     assert logged == {"figures/eval_niah_vs_length_by_x.png", "figures/score_by_x.png"}
     by_name, _ = compare("tiny", tracking_uri=uri, out_dir=tmp_path / "by_name", log=False)
@@ -199,7 +200,11 @@ def test_ablation_files_name_only_parameters_their_notebook_declares(path):
     declared = None if notebook.exists() else {k: Param(k, type(v), v) for k, v in QUICKSTART.items()}
     sweep = load_sweep(path, declared=declared)
     assert sweep.name == path.stem and sweep.metrics and sweep.plots and sweep.paper_finding
-    assert 2 <= len(sweep.points()) <= 8, "keep the default grid small enough for the toy world on CPU"
+    assert len(sweep.seeds) >= 3, "at least 3 seeds per point (issue 16)"
+    assert 2 <= len(sweep.points()) // len(sweep.seeds) <= 8, "keep the grid small enough for the toy world on CPU"
+    values = [sweep.parameters(p) for p in sweep.points()]
+    assert all(v.get("linear", "gdn") == "gdn" for v in values if "GDN" in v.get("layout", "GDN")
+               and "linear" not in sweep.grid), "GDN where the YAML says GDN"
 
 
 def test_the_four_ablations_exist():
@@ -218,3 +223,135 @@ def test_parallel_jobs_run_points_in_separate_processes(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("tiny_sweep").experiment_id])
     errors = sorted(r.data.tags.get("error", "").splitlines()[0] for r in runs if "point_key" in r.data.tags)
     assert errors == ["ValueError: asked to fail (x=3, label=a)", "ValueError: asked to fail (x=4, label=a)"]
+
+
+SEED_YAML = DATA / "seed_sweep.yaml"
+
+
+def test_seeds_make_points_x_2_child_runs_sharing_one_teacher(tmp_path, monkeypatch):
+    """seed_sweep.yaml: x in [1, 2] x seeds [0, 1] -> 4 child runs tagged seed, one quick toy world and one
+    teacher built once (world_seed), while each child's recipe takes its own seed."""
+    import mlflow
+
+    monkeypatch.setenv("HYLO_LAB_HOME", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_sweep(SEED_YAML, tracking_uri=uri, out_dir=tmp_path / "nb", points_dir=tmp_path / "points",
+                        echo=lambda *a: None)
+    assert summary.point.tolist() == ["x=1;seed=0", "x=1;seed=1", "x=2;seed=0", "x=2;seed=1"]
+    assert (summary.status == "FINISHED").all()
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("seed_sweep").experiment_id])
+    children = [r for r in runs if "point_key" in r.data.tags]
+    assert len(children) == 4 and sorted(r.data.tags["seed"] for r in children) == ["0", "0", "1", "1"]
+    assert {r.data.tags["recipe_seed"] for r in children} == {"0", "1"}
+    assert len({r.data.tags["teacher_dir"] for r in children}) == 1
+    teachers = list((tmp_path / "cache").glob("toy-world-quick-*/teachers/*"))
+    assert len(teachers) == 1 and (teachers[0] / "done.json").exists()
+    agg = pd_read(tmp_path / "nb" / "aggregates.csv")  # the parent's aggregates over the two seeds
+    assert agg[agg.metric == "score"][["x", "mean", "n"]].values.tolist() == [[1, 1.5, 2], [2, 2.5, 2]]
+    logged = {a.path for a in client.list_artifacts(summary.attrs["parent_run_id"], "tables")}
+    assert "tables/aggregates.csv" in logged
+
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def test_seeds_option_replaces_the_files_seeds(tmp_path, capsys):
+    from hylo_lab.sweep import parse_seeds
+
+    path = write_sweep(tmp_path, seeds=[0])
+    assert load_sweep(path).seeds == [0] and load_sweep(path, seeds=[0, 1, 2]).seeds == [0, 1, 2]
+    assert len(load_sweep(path, seeds=[3, 4]).points()) == 4
+    assert parse_seeds("0, 1,2") == [0, 1, 2] and parse_seeds(None) is None
+    with pytest.raises(SweepError, match="--seeds 'a,b'"):
+        parse_seeds("a,b")
+    cli.main(["sweep", str(path), "--dry-run", "--seeds", "5,6", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    out = capsys.readouterr().out
+    assert "x=1;seed=5" in out and "x=2;seed=6" in out and "seed=0" not in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sweep", str(path), "--dry-run", "--seeds", "1,1"])
+    assert exc.value.code == 2
+
+
+def test_exported_points_resume_a_sweep_elsewhere_and_rebuild_runs_csv(tmp_path):
+    """Each point is exported as JSON (with where it ran); a sweep against a fresh MLflow store (another machine)
+    skips the points exported FINISHED with the same parameters, and compare rebuilds runs.csv from the exports."""
+    import json
+
+    from hylo_lab.compare import compare
+
+    points = tmp_path / "points"
+    first = run_sweep(TINY_YAML, tracking_uri=f"sqlite:///{tmp_path / 'a.db'}", out_dir=tmp_path / "a",
+                      points_dir=points, echo=lambda *a: None)
+    files = sorted(p.name for p in points.iterdir())
+    assert files == ["x=1.json", "x=2.json", "x=3_fail=True.json"]
+    data = json.loads((points / "x=2.json").read_text())
+    assert data["status"] == "FINISHED" and data["metrics"]["score"] == 1.0 and data["parameters"]["scale"] == 0.5
+    assert set(data["where"]) == {"host", "device", "git_sha"} and data["where"]["git_sha"]
+    assert data["axes"] == {"x": 2, "fail": False} and data["params_hash"]
+    second = run_sweep(TINY_YAML, tracking_uri=f"sqlite:///{tmp_path / 'b.db'}", out_dir=tmp_path / "b",
+                       points_dir=points, echo=lambda *a: None)
+    assert second.status.tolist() == ["SKIPPED", "SKIPPED", "FAILED"]
+    assert second["score"].tolist()[:2] == [0.5, 1.0]
+    changed = write_sweep(tmp_path, name="tiny", grid={"x": [1, 2]}, fixed={"scale": 0.25, "label": "b"})
+    third = run_sweep(changed, tracking_uri=f"sqlite:///{tmp_path / 'c.db'}", out_dir=tmp_path / "c",
+                      points_dir=points, echo=lambda *a: None)
+    assert third.status.tolist() == ["FINISHED", "FINISHED"]  # other parameters: not the exported points
+    frame, _ = compare(TINY_YAML, out_dir=tmp_path / "results", points_dir=points)  # no MLflow read
+    assert frame.point.tolist() == ["x=1", "x=2", "x=3;fail=True"]
+    assert frame.status.tolist()[:2] == ["FINISHED", "FINISHED"] and frame["score"].tolist()[:2] == [0.25, 0.5]
+    assert (tmp_path / "results" / "runs.csv").exists() and first.run_id.iloc[0]
+
+
+def fake_frame():
+    import pandas as pd
+
+    rows = []
+    for layout, base in (("2MLA2GDN", 0.6), ("3MLA1GDN", 0.5)):
+        for seed, noise in zip((0, 1, 2), (0.0, 0.1, -0.05)):
+            rows.append(dict(point=f"layout={layout};seed={seed}", layout=layout, seed=seed, status="FINISHED",
+                             duration_s=1.0, run_id=f"{layout}{seed}", **{"eval/niah/512": base + noise,
+                                                                        "eval/ppl/256": 3.0 - base}))
+    rows.append(dict(point="layout=1MLA3GDN;seed=0", layout="1MLA3GDN", seed=0, status="FAILED", duration_s=1.0,
+                     run_id="x", **{"eval/niah/512": float("nan"), "eval/ppl/256": float("nan")}))
+    return pd.DataFrame(rows)
+
+
+def test_aggregates_are_means_over_seeds_with_intervals():
+    from hylo_lab.compare import aggregate
+    from hylo_lab.stats import SEED_CI
+
+    agg = aggregate(fake_frame(), ["layout", "seed"])
+    row = agg[(agg.layout == "2MLA2GDN") & (agg.metric == "eval/niah/512")].iloc[0]
+    assert row["mean"] == pytest.approx(0.6 + 0.05 / 3) and row["n"] == 3 and row["ci"] == SEED_CI
+    assert row["low"] < row["mean"] < row["high"]
+    assert set(agg.layout) == {"2MLA2GDN", "3MLA1GDN"}  # the failed point has no finished seed
+
+
+def test_paired_comparison_through_compare_on_a_fake_frame(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from hylo_lab import compare as compare_module
+
+    spec = dict(name="fake", axes=["layout", "seed"], metrics=["eval/niah/512"], plots=[])
+    frame = fake_frame()
+    frame.attrs.update(parent_run_id="p", tracking_uri="none", sweep="fake")
+    monkeypatch.setattr(compare_module, "sweep_runs", lambda *a, **k: (frame.copy(), spec, {"run_id": "p"}))
+    out, _ = compare_module.compare("fake", out_dir=tmp_path / "r", log=False,
+                                    paired_points=[("layout=2MLA2GDN", "layout=3MLA1GDN")])
+    paired = pd.read_csv(tmp_path / "r" / "paired.csv")
+    row = paired[paired.metric == "eval/niah/512"].iloc[0]
+    # every seed differs by exactly 0.1: the paired interval is that point, the unpaired spread is not
+    assert row["mean"] == pytest.approx(0.1) and row["low"] == pytest.approx(0.1) and row["n"] == 3
+    assert row["high"] == pytest.approx(0.1) and row["seeds"] == "[0, 1, 2]"
+    compare_module.print_statistics(out)
+    printed = capsys.readouterr().out
+    assert "layout=2MLA2GDN - layout=3MLA1GDN, eval/niah/512: 0.1 [0.1, 0.1] n=3" in printed
+    assert "mean over seeds [95% CI] n (bootstrap over seeds" in printed
+    with pytest.raises(SweepError, match="no finished point matches"):
+        compare_module.paired(frame, "layout=1MLA3GDN", "layout=2MLA2GDN")
+    with pytest.raises(SweepError, match="matches 2 points per seed"):
+        compare_module.paired(frame.assign(layout="same"), "layout=same", "layout=same")
