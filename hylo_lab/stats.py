@@ -59,7 +59,7 @@ def accuracy_ci(correct: int, total: int, *, confidence: float = CONFIDENCE) -> 
 
 def samples_for_halfwidth(halfwidth: float, *, confidence: float = CONFIDENCE) -> int:
     """Evaluation samples for which the Wilson interval's half-width is at most `halfwidth` at every accuracy
-    (the widest case, p = 0.5): 0.08 -> 150."""
+    (the widest case, p = 0.5): 0.08 -> 143."""
     from scipy.stats import norm
 
     z = norm.ppf(0.5 + confidence / 2)
