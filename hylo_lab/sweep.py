@@ -5,15 +5,17 @@ notebook once as a child MLflow run under one parent run per sweep.
     notebook: notebooks/00_quickstart.ipynb   # relative to the YAML's folder, else to the project root
     experiment: ablations                     # MLflow experiment of the parent and its children
     description: ...                          # optional free text (and paper_finding: ...)
-    fixed: {quick: false, teacher: llama-s}   # every point gets these
-    grid: {yarn_factor: [0, 2, 4]}            # the full product of these lists
-    include: [{yarn_factor: 0, stage2_seq_len: 512}]   # optional extra points, not crossed with the grid
+    fixed: {quick: false, yarn_eval: fixed}   # every point gets these
+    grid: {stages.kd-long.yarn.factor: [2.0, 4.0]}    # the full product of these lists
+    include: [{stages.kd-long.seq_len: 1024}]         # optional extra points, not crossed with the grid
     seeds: [0, 1]                             # optional: one more grid axis, `seed`
     metrics: [eval/niah/256, eval/niah/512]   # shown by the summary and compare (fnmatch globs allowed)
-    plots: [{x: length, y: "eval/niah/{length}", hue: yarn_factor, kind: line}]   # see hylo_lab.compare
+    plots: [{x: length, y: "eval/niah/{length}", hue: stages.kd-long.yarn.factor, kind: line}]   # see compare
 
 Every fixed, grid and include parameter must be declared in the notebook's `parameters` cell, with a value
-of the declared type. The sweep sets `run_id`, `parent_run_id`, `experiment` and `tracking_uri` itself (the
+of the declared type, or be a dotted key: a field of the notebook's recipe, passed to it joined into its
+`overrides` parameter ("stages.kd-long.seq_len=1024; ...", read by distill.stages.parse_overrides) and checked
+there by the recipe checker. The sweep sets `run_id`, `parent_run_id`, `experiment` and `tracking_uri` itself (the
 notebook must declare them) so the notebook's own Tracker logs into the child run the sweep created; a
 notebook declaring `out_dir` gets a folder per point unless the sweep sets it. A point is identified by its
 `point_key` ("yarn_factor=2.0;seed=0") and a hash of its parameters: a re-run skips points whose run
@@ -55,6 +57,14 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _PATTERN = re.compile(r"([^{}]*)\{(\w+)\}([^{}]*)")  # "eval/niah/{length}" -> prefix, variable, suffix
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+OVERRIDES = "overrides"  # the notebook parameter that receives dotted keys: "stages.kd-long.steps=300; ..."
+
+
+def is_override(key: str) -> bool:
+    """A dotted key (`stages.kd-long.seq_len`) names a recipe field, passed in the notebook's `overrides`."""
+    return "." in str(key)
 
 
 class SweepError(UserError):
@@ -148,8 +158,8 @@ class Sweep:
 
     def points(self) -> list[dict]:
         """Grid product then extra points, each crossed with the seeds; keys in `axes` order, duplicates dropped."""
-        points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
-        points += [dict(p) for p in self.include]
+        grid = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())] if self.grid else []
+        points = grid + [dict(p) for p in self.include]
         if self.seeds:
             points = [{**p, "seed": s} for p in points for s in self.seeds]
         unique = {}
@@ -158,13 +168,24 @@ class Sweep:
             unique.setdefault(point_key(ordered), ordered)
         return list(unique.values())
 
-    def parameters(self, point: dict) -> dict:
-        """What the notebook gets for a point, before the sweep adds run ids and out_dir."""
+    def values(self, point: dict) -> dict:
+        """Fixed values and the point's, dotted recipe keys still apart."""
         return {**self.fixed, **point}
+
+    def parameters(self, point: dict) -> dict:
+        """What the notebook gets for a point, before the sweep adds run ids and out_dir: dotted keys
+        (recipe fields, `stages.kd-long.steps`) joined into its `overrides` parameter after any given there."""
+        values = self.values(point)
+        dotted = {k: values.pop(k) for k in list(values) if is_override(k)}
+        if dotted:
+            from .distill.stages import format_overrides
+
+            values[OVERRIDES] = "; ".join(x for x in (values.get(OVERRIDES, ""), format_overrides(dotted)) if x)
+        return values
 
     def axis_values(self, point: dict) -> dict:
         """Every axis's effective value at a point: the point's, else fixed, else the notebook's default."""
-        params = self.parameters(point)
+        params = self.values(point)
         return {a: params[a] if a in params else getattr(self.declared.get(a), "default", None) for a in self.axes}
 
     def select(self, only: dict | None) -> list[dict]:
@@ -174,14 +195,21 @@ class Sweep:
             return self.points()
         wanted = {}
         for key, values in only.items():
+            if is_override(key) and OVERRIDES in self.declared:
+                import yaml
+
+                values = values if isinstance(values, (list, tuple, set)) else [values]
+                wanted[key] = {json.dumps(yaml.safe_load(v) if isinstance(v, str) else v) for v in values}
+                continue
             if key not in self.declared:
                 raise SweepError(f"--only {key}: not a parameter of {self.notebook.name}{_suggest(key, self.declared)}")
             values = values if isinstance(values, (list, tuple, set)) else [values]
             wanted[key] = {_parse_value(v, self.declared[key]) for v in values}
         chosen = []
         for p in self.points():
-            params = self.parameters(p)
-            if all(params.get(k, self.declared[k].default) in vals for k, vals in wanted.items()):
+            params = self.values(p)
+            if all((json.dumps(params.get(k)) if is_override(k) else params.get(k, self.declared[k].default)) in vals
+                   for k, vals in wanted.items()):
                 chosen.append(p)
         if not chosen:
             raise SweepError(f"--only {only} matches none of the {len(self.points())} points of sweep {self.name!r}")
@@ -317,7 +345,11 @@ def load_sweep(path, *, declared: dict[str, Param] | None = None, seeds: list[in
             problems.append(f"seeds are given but {nb_name} declares no `seed` parameter")
 
         def check(where, key, value):
-            if key in INJECTED:
+            if is_override(key) and OVERRIDES in declared:
+                return value  # a recipe field: the notebook's recipe checker validates it
+            if is_override(key):
+                problems.append(f"{where}.{key}: a dotted key needs an `{OVERRIDES}` parameter in {nb_name}")
+            elif key in INJECTED:
                 problems.append(f"{where}.{key}: set by the sweep itself, remove it")
             elif key not in declared:
                 problems.append(f"{where}.{key}: not a parameter of {nb_name}{_suggest(key, declared)}; "
@@ -729,10 +761,12 @@ def parse_only(items: list[str] | None) -> dict:
 
 def parse_seeds(text: str | None) -> list[int] | None:
     """"0,1,2" -> [0, 1, 2]; None -> None (the YAML's seeds)."""
+    from .config import parse_list
+
     if text is None:
         return None
     try:
-        seeds = [int(x) for x in text.replace(" ", "").split(",") if x]
+        seeds = parse_list(text, int)
     except ValueError:
         raise SweepError(f"--seeds {text!r}: expected comma-separated integers like 0,1,2") from None
     if not seeds or len(set(seeds)) < len(seeds):

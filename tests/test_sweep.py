@@ -101,6 +101,9 @@ def test_points_cross_grid_include_and_seeds_with_stable_keys(tmp_path):
     # two extra points setting the same key give that key one column (compare melts on these columns)
     twice = load_sweep(write_sweep(tmp_path, include=[{"x": 7, "label": "c"}, {"x": 8, "label": "d"}]))
     assert twice.axes == ["x", "label"]
+    # a sweep of extra points only runs those points, not also an empty grid point
+    only = load_sweep(write_sweep(tmp_path, grid=None, include=[{"x": 3}], seeds=[0, 1]))
+    assert only.points() == [{"x": 3, "seed": 0}, {"x": 3, "seed": 1}]
 
 
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
