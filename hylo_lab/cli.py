@@ -58,10 +58,11 @@ def cmd_info(args):
 
 def _numbers(text: str, kind, flag: str) -> list:
     """"256, 512" -> [256, 512]; a bad item is a UserError naming the flag."""
+    from hylo_lab.config import parse_list
     from hylo_lab.errors import UserError
 
     try:
-        return [kind(x) for x in text.replace(" ", "").split(",") if x]
+        return parse_list(text, kind)
     except ValueError:
         raise UserError(f"{flag} {text!r}: expected a comma list of {kind.__name__}s, e.g. {flag} "
                         f"{'256,512' if kind is int else '0,0.5,1'}") from None
@@ -73,7 +74,9 @@ def cmd_eval(args):
     from hylo_lab.tracking import Tracker
 
     def names(text):
-        return [x.strip() for x in text.split(",") if x.strip()] if text else None
+        from hylo_lab.config import parse_list
+
+        return parse_list(text) or None
 
     limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
     kwargs = dict(lengths=_numbers(args.lengths, int, "--lengths"), tasks=names(args.tasks),

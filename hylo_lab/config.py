@@ -82,6 +82,11 @@ def layout_parts(layout: str) -> list[tuple[int, str]]:
     return out
 
 
+def parse_list(text, kind=str) -> list:
+    """"256, 512" -> [256, 512] (kind=int); "" and None -> []. The one comma-list parser of settings and flags."""
+    return [kind(x.strip()) for x in str(text or "").split(",") if x.strip()]
+
+
 def parse_layout(layout: str, num_layers: int, mla_layers=None, attention_layers=None) -> list[str]:
     """'4MLA12GDN' (+ optional explicit MLA / attention indices) -> one mixer name per layer.
 

@@ -1,7 +1,7 @@
 """The embedded default: the whole HyLo recipe on the offline toy world, as plain functions (issue 6).
 
     toy world + teachers (cached) -> upcycle llama-s to MLA + GDN/Mamba2 -> stage 1 Enhanced-ILD -> stage 2 KD
-    (staged: the teachers' length, then `stage2_seq_len` with YaRN on the MLA layers) -> NIAH accuracy,
+    (staged: the teachers' length, then a longer one with YaRN on the MLA layers) -> NIAH accuracy,
     short-context perplexity and cache bytes of the teacher (with and without YaRN) and the hybrid at 1x .. 32x
     the teacher's training length -> figures, a summary table, MLflow.
 
@@ -32,111 +32,107 @@ from pathlib import Path
 from .data.toy import TEACHER_NIAH_TASKS, TEACHERS, TOY_TRAIN_LEN
 from .errors import UserError
 
-BASE = "llama-s"  # the teacher that is upcycled (stage 1's teacher too)
 # The needle tasks behind `eval/<model>/niah/<length>`: one number retrieved by a word key from a repetitive (noise) or a
 # varied (essay) haystack (RULER's S-NIAH 1 and 2): what the toy teachers learn (data.toy.TEACHER_NIAH_TASKS).
 # Every task's score is logged on its own as well.
 NIAH_TASKS = TEACHER_NIAH_TASKS
 DEFAULT_OUT = "runs/demo"
-# Weight of next-token cross-entropy next to the KL in the last stage-2 stage (build_recipe says why). Measured on
-# the toy world (README): NIAH at 8192 tokens 0.17 with KL only, 0.50 with this term; perplexity also better.
-LONG_CE_WEIGHT = 1.0
 
 
 @dataclass
 class DemoSettings:
-    """The quickstart notebook's parameters (defaults = the full demo). See the notebook for each one's help."""
+    """The quickstart notebook's parameters (defaults = the full demo). See the notebook for each one's help.
+    The distillation is recipes/demo.yaml (with recipes/demo-quick.overrides.yaml when `quick`), then `seed`,
+    `world_seed`, the output folder and `overrides`: any recipe field, checked by the recipe checker."""
 
     run_id: str = ""  # MLflow run to log into (set by hylo-lab sweep); "" = a new run
     parent_run_id: str = ""  # the sweep's parent run
     experiment: str = "quickstart"  # MLflow experiment
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db
-    seed: int = 0  # the student's init, data order and evaluation samples
+    seed: int = 0  # the student's init, data order and evaluation samples (the recipe's seed)
     world_seed: int = 0  # the toy world and its teacher ladder (trained once, cached, shared by every `seed`)
-    quick: bool = False  # tiny teachers, few steps, two lengths: every step in about a minute (CI)
-    teacher: str = "llama-s"  # stage-2 teacher: a toy teacher name, or "none" (next-token cross-entropy only)
-    layout: str = "2MLA2GDN"  # MLA and linear layer counts of the 4-layer llama-s student
-    mla_layers: str = ""  # "" = evenly spaced, else 0-based indices such as "0,1"
-    linear: str = "gdn"  # the linear block: gdn | mamba2 (replaces the layout's linear name)
-    stage2_seq_len: int = 512  # tokens per row of the last stage-2 stage
-    stage2_steps: int = 200  # optimizer steps of stage 2 (all its stages together)
-    yarn_factor: float = 64.0  # YaRN factor on the MLA layers in the last stage (0 = no YaRN); README says why 64
+    quick: bool = False  # the quick recipe (tiny teachers, few steps): every step in about a minute (CI)
+    overrides: str = ""  # recipe fields, "stages.kd-long.steps=300; student.layout=2MLA2M2" (distill.stages)
     yarn_eval: str = "fixed"  # the hybrid's MLA factor at evaluation: fixed = the training one; cover = yarn_factor_at
     eval_samples: int = 32  # NIAH samples per task, length and seed, the same samples for every model
     long_eval_samples: int = 8  # the plain teacher beyond 4x (a bar, "below 0.20", not a comparison)
     eval_lengths: str = "256,512,1024,2048,4096,8192"  # context lengths of the evaluation
+    ppl_tokens: int = 32768  # held-out tokens of the perplexity
     out_dir: str = ""  # where models, tables and figures go ("" = runs/demo)
 
     def __post_init__(self):
-        problems = []
-        if self.teacher != "none" and self.teacher not in TEACHERS:
-            problems.append(f"teacher={self.teacher!r}: choose 'none' or one of {', '.join(TEACHERS)}")
-        from .mixers import linear_mixers
+        from .config import parse_list
 
-        if self.linear not in linear_mixers():
-            problems.append(f"linear={self.linear!r}: choose one of {', '.join(linear_mixers())}")
-        for name in ("stage2_seq_len", "stage2_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if self.stage2_seq_len < 64:
-            problems.append(f"stage2_seq_len={self.stage2_seq_len} is below 64 tokens")
-        if not (self.yarn_factor == 0 or self.yarn_factor >= 1):
-            problems.append(f"yarn_factor={self.yarn_factor} must be 0 (no YaRN) or >= 1")
+        problems = []
         if self.yarn_eval not in YARN_EVAL:
             problems.append(f"yarn_eval={self.yarn_eval!r}: choose one of {', '.join(YARN_EVAL)}")
-        for name in ("eval_samples", "long_eval_samples", "world_seed"):
-            value, low = getattr(self, name), 0 if name == "world_seed" else 1
+        for name in ("eval_samples", "long_eval_samples", "world_seed", "seed", "ppl_tokens"):
+            value, low = getattr(self, name), 0 if name in ("world_seed", "seed") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 problems.append(f"{name}={value!r} must be an integer >= {low}")
         try:
-            lengths = self.lengths
+            lengths = parse_list(self.eval_lengths, int)
             if not lengths or any(n < 64 for n in lengths):
                 problems.append(f"eval_lengths={self.eval_lengths!r}: give lengths >= 64 tokens")
         except ValueError:
             problems.append(f"eval_lengths={self.eval_lengths!r}: expected comma-separated integers like '256,512'")
-        try:
-            self.mla_indices
-        except ValueError:
-            problems.append(f"mla_layers={self.mla_layers!r}: expected '' or comma-separated layer indices like '0,1'")
         if not problems:
             try:
+                self.recipe = build_recipe(self)
                 self.mixers
-            except ValueError as exc:
-                problems.append(str(exc))
+            except (UserError, ValueError) as exc:
+                problems.append(str(exc).replace("\n  - ", "; ").replace(":;", ":"))
         if problems:
             raise UserError("demo settings are invalid: " + "; ".join(problems))
 
     @property
     def lengths(self) -> list[int]:
-        return sorted({int(x) for x in str(self.eval_lengths).replace(" ", "").split(",") if x})
+        from .config import parse_list
+
+        return sorted(set(parse_list(self.eval_lengths, int)))
 
     @property
-    def mla_indices(self) -> list[int] | None:
-        text = self.mla_layers.replace(" ", "")
-        return [int(x) for x in text.split(",") if x] if text else None
+    def base(self) -> str:
+        """The toy teacher that is upcycled (stage 1's teacher too, and the teacher the demo evaluates)."""
+        return self.recipe["base"].removeprefix("toy:")
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        """The toy teachers the recipe reads: the base, then the stage-2 teacher."""
+        names = [self.recipe["base"], self.recipe.get("teacher") or self.recipe["base"]]
+        return tuple(dict.fromkeys(n.removeprefix("toy:") for n in names))
 
     @property
     def student_layout(self) -> str:
-        """The layout with the chosen linear block: '2MLA2GDN' + linear=mamba2 -> '2MLA2M2'."""
-        from .config import layout_parts
-        from .mixers import MIXERS
-
-        out = []
-        for n, mixer in layout_parts(self.layout):
-            if mixer != "mla" and not MIXERS[mixer].linear:
-                raise ValueError(f"layout={self.layout!r}: the demo's student has MLA and linear blocks only")
-            out.append(f"{n}{MIXERS[mixer if mixer == 'mla' else self.linear].code}")
-        return "".join(out)
+        return self.recipe["student"]["layout"]
 
     @property
     def mixers(self) -> list[str]:
         from .config import parse_layout
+        from .mixers import MIXERS
 
-        n_layers = TEACHERS[BASE]["num_hidden_layers"]  # quick teachers keep the layer count
-        mixers = parse_layout(self.student_layout, n_layers, self.mla_indices)
+        student = self.recipe["student"]
+        n_layers = TEACHERS[self.base]["num_hidden_layers"]  # quick teachers keep the layer count
+        mixers = parse_layout(student.get("layout"), n_layers, student.get("mla_layers"))
+        if any(m != "mla" and not MIXERS[m].linear for m in mixers):
+            raise ValueError(f"student.layout={student.get('layout')!r}: the demo's student has MLA and linear "
+                             "blocks only")
         if "mla" not in mixers or all(m == "mla" for m in mixers):
-            raise ValueError(f"layout={self.layout!r}: the hybrid needs at least one MLA and one linear layer")
+            raise ValueError(f"student.layout={student.get('layout')!r}: the hybrid needs at least one MLA and "
+                             "one linear layer")
         return mixers
+
+    @property
+    def yarn(self):
+        """The YarnSpec of the last stage (the one the hybrid leaves training with), None without YaRN."""
+        from .distill.stages import YarnSpec
+
+        spec = self.recipe["stages"][-1].get("yarn")
+        return YarnSpec(**spec) if spec else None
+
+    @property
+    def yarn_factor(self) -> float:
+        return float(self.yarn.factor) if self.yarn else 0.0
 
     @property
     def folder(self) -> Path:
@@ -150,8 +146,6 @@ class DemoSettings:
     def niah_samples(self, model: str, length: int) -> int:
         """Samples per NIAH task at `length` for `model`: eval_samples, except the plain teacher beyond 4x its
         length (only the "below 0.20" bar is asked there: the first long_eval_samples of the same samples)."""
-        if self.quick:
-            return QUICK_PLAN["eval_samples"]
         if model == "teacher" and length > 4 * TOY_TRAIN_LEN:
             return min(self.long_eval_samples, self.eval_samples)
         return self.eval_samples
@@ -159,20 +153,16 @@ class DemoSettings:
     @property
     def teacher_yarn_factor(self) -> float:
         """YaRN factor of the 'teacher with YaRN' baseline: the hybrid's, else enough for the longest length."""
-        return float(self.yarn_factor) if self.yarn_factor else max(1.0, max(self.lengths) / TOY_TRAIN_LEN)
+        return self.yarn_factor or max(1.0, max(self.lengths) / TOY_TRAIN_LEN)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-# The knobs that --quick shrinks; the full values are in `plan` (the NIAH sample counts are settings:
-# DemoSettings.niah_samples). Cache bytes are measured up to measure_cache_up_to tokens, predicted beyond.
-# synthetic_fraction: share of NIAH rows in distillation batches; kd_short_fraction: share of stage-2 steps at the
-# teachers' length. 0.6 and 0.25 gave the hybrid more NIAH at 32x than 0.3 and 0.5 (benchmarks/results/toy_search).
-QUICK_PLAN = dict(ild_steps=4, kd_short_steps=2, batch_size=4, eval_samples=2, ppl_tokens=2048,
-                  eval_rows=2, measure_cache_up_to=2048, synthetic_fraction=0.3)
-FULL_PLAN = dict(ild_steps=150, kd_short_fraction=0.25, batch_size=16,
-                 ppl_tokens=32768, eval_rows=8, measure_cache_up_to=2048, synthetic_fraction=0.6)
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE = RECIPES / "demo.yaml"
+QUICK_OVERRIDES = RECIPES / "demo-quick.overrides.yaml"
+MEASURE_CACHE_UP_TO = 2048  # cache bytes are measured up to this many tokens, predicted beyond
 
 
 def log(msg: str) -> None:
@@ -230,10 +220,10 @@ def prepare_world(settings: DemoSettings, tracker=None):
     from .data.toy import get_toy_world
 
     step(settings, "world")
-    names = tuple(dict.fromkeys([BASE] + ([settings.teacher] if settings.teacher != "none" else [])))
+    names = settings.teachers
     t0 = time.perf_counter()
     log(f"toy world with teachers {', '.join(names)} (cached after the first build)")
-    world = get_toy_world(teachers=names, quick=settings.quick, seed=settings.world_seed)
+    world = get_toy_world(teachers=names, quick=settings.recipe["toy_world"]["quick"], seed=settings.world_seed)
     seconds = time.perf_counter() - t0
     log(f"toy world ready in {seconds:.0f} s at {world.root}")
     if tracker is not None:
@@ -253,15 +243,16 @@ def teacher_check(settings: DemoSettings, world, tracker=None) -> dict:
     from .data.toy import niah_accuracy, perplexity, read_corpus, resolve_device, unigram_perplexity
 
     step(settings, "teacher_check")
-    tok, model = world.tokenizer(), world.teacher(BASE).to(resolve_device())
-    n = settings.niah_samples(BASE, TOY_TRAIN_LEN)
+    base = settings.base
+    tok, model = world.tokenizer(), world.teacher(base).to(resolve_device())
+    n = settings.niah_samples(base, TOY_TRAIN_LEN)
     acc = niah_accuracy(model, tok, lengths=(TOY_TRAIN_LEN,), num_samples=n, seed=settings.eval_seed, tasks=NIAH_TASKS)
     heldout, train = read_corpus(world.corpus_heldout), read_corpus(world.corpus_train)
     ppl = perplexity(model, tok, heldout[:200])
     uni = unigram_perplexity(tok, train[:3000], heldout[:200])
     per_task = acc[TOY_TRAIN_LEN]
     report = dict(niah=sum(per_task.values()) / len(per_task), niah_tasks=per_task, heldout_ppl=ppl, unigram_ppl=uni)
-    log(f"teacher {BASE}: NIAH at {TOY_TRAIN_LEN} = {report['niah']:.2f} {per_task}; held-out ppl {ppl:.2f} "
+    log(f"teacher {base}: NIAH at {TOY_TRAIN_LEN} = {report['niah']:.2f} {per_task}; held-out ppl {ppl:.2f} "
         f"(unigram {uni:.1f})")
     return report  # single values: summarize() logs them with the run's summary
 
@@ -271,53 +262,28 @@ def teacher_check(settings: DemoSettings, world, tracker=None) -> dict:
 
 
 def build_recipe(settings: DemoSettings, world=None) -> dict:
-    """The recipe (hylo_lab.distill) for these settings: stage 1 Enhanced-ILD at the teachers' length, then
-    stage 2 KD at that length and at `stage2_seq_len` with YaRN on the MLA layers (one KD stage when
-    stage2_seq_len <= the teachers' length). The last stage adds next-token cross-entropy (LONG_CE_WEIGHT):
-    the toy teachers cannot retrieve beyond their 256 tokens, so KL alone would teach the hybrid their failure
-    there (the paper's 8B teachers work at 8K-64K and need no CE term). teacher="none": cross-entropy only."""
-    s, quick = settings, settings.quick
-    plan = QUICK_PLAN if quick else FULL_PLAN
-    short = TOY_TRAIN_LEN
-    bs = plan["batch_size"]
-    kd = dict(kind="kd", lr=1.0e-3, warmup=0.05, kl="chunked", kl_chunk_size=1024)
-    if s.teacher == "none":
-        kd.update(kl_weight=0.0, ce_weight=1.0)
-    long_kd = dict(kd, lr=5.0e-4, batch_size=max(2, bs * short // s.stage2_seq_len))
-    if s.teacher != "none":
-        long_kd["ce_weight"] = LONG_CE_WEIGHT
-    if s.yarn_factor:
-        long_kd["yarn"] = dict(factor=float(s.yarn_factor), original_max_position_embeddings=short)
-        if s.stage2_seq_len > short * s.yarn_factor:
-            warn_outside_yarn("trains", s.stage2_seq_len, s.yarn_factor)
-    if s.stage2_seq_len > short:
-        n_short = plan["kd_short_steps"] if quick else max(1, int(s.stage2_steps * plan["kd_short_fraction"]))
-        n_short = min(n_short, s.stage2_steps - 1) if s.stage2_steps > 1 else 0
-        stages2 = ([dict(kd, name=f"kd-{short}", seq_len=short, steps=n_short)] if n_short else []) + [
-            dict(long_kd, name=f"kd-{s.stage2_seq_len}", seq_len=s.stage2_seq_len, steps=s.stage2_steps - n_short)]
-    else:
-        stages2 = [dict(long_kd, name=f"kd-{s.stage2_seq_len}", seq_len=s.stage2_seq_len, steps=s.stage2_steps,
-                        batch_size=bs)]
-    student = dict(layout=s.student_layout, upcycle=dict(rope_init="filled"))
-    if s.mla_indices is not None:
-        student["mla_layers"] = s.mla_indices
-    return dict(
-        name=f"demo-{s.student_layout.lower()}",
-        output_dir=str(s.folder / "distill"),
-        seed=s.seed,
-        base=f"toy:{BASE}",
-        teacher=None if s.teacher == "none" else f"toy:{s.teacher}",
-        toy_world=dict(quick=quick, seed=s.world_seed, root=None if world is None else str(world.root.parent)),
-        student=student,
-        data=dict(train=[dict(type="toy", split="train")], heldout=[dict(type="toy", split="heldout")],
-                  synthetic=dict(fraction=plan["synthetic_fraction"], tasks=list(NIAH_TASKS), answer_room=48,
-                                 min_seq_len=128)),
-        train=dict(batch_size=bs, lr_betas=[0.9, 0.95], weight_decay=0.0, clip=1.0, eval_rows=plan["eval_rows"],
-                   eval_every=0, checkpoint_every=0),
-        tracking=dict(enabled=False),
-        stages=[dict(name="ild", kind="ild", seq_len=short, steps=plan["ild_steps"], lr=2.0e-3, warmup=0.05)]
-        + stages2,
-    )
+    """The recipe (hylo_lab.distill) of these settings as a validated dict: recipes/demo.yaml, the quick overrides
+    when `quick`, seed, world_seed and the output folder, then `settings.overrides`. Warns when the last stage
+    trains beyond its YaRN range (original length x factor)."""
+    import yaml
+
+    from .distill.stages import apply_overrides, parse_overrides, read_recipe, recipe_from_dict
+
+    quick = yaml.safe_load(QUICK_OVERRIDES.read_text()) if settings.quick else {}
+    raw = read_recipe(RECIPE, quick)
+    raw = apply_overrides(raw, {"seed": settings.seed, "toy_world.seed": settings.world_seed,
+                                "output_dir": str(settings.folder / "distill")})
+    if world is not None:
+        raw["toy_world"]["root"] = str(world.root.parent)
+    raw = apply_overrides(raw, parse_overrides(settings.overrides))
+    if not str(raw.get("base", "")).startswith("toy:"):
+        raise UserError(f"base={raw.get('base')!r}: the demo upcycles a toy teacher (toy:NAME)")
+    recipe_from_dict(raw, source_file=None)
+    last = raw["stages"][-1]
+    yarn = last.get("yarn")
+    if yarn and last["seq_len"] > yarn["original_max_position_embeddings"] * yarn["factor"]:
+        warn_outside_yarn("trains", last["seq_len"], yarn["factor"])
+    return raw
 
 
 def distill(settings: DemoSettings, recipe: dict, tracker=None) -> Path:
@@ -362,18 +328,20 @@ def load_models(settings: DemoSettings, world, hybrid_dir) -> dict:
 
     from .eval import load_model
 
+    from .distill.stages import YarnSpec
+
     step(settings, "load")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = world.teacher_dirs[BASE]
+    path = world.teacher_dirs[settings.base]
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
     factor = settings.teacher_yarn_factor
     config = AutoConfig.from_pretrained(path)
-    config.rope_parameters = dict(rope_type="yarn", rope_theta=float(config.rope_parameters.get("rope_theta", 1e4)),
-                                  factor=factor, original_max_position_embeddings=TOY_TRAIN_LEN)
+    yarn = YarnSpec(factor=factor, original_max_position_embeddings=TOY_TRAIN_LEN)
+    config.rope_parameters = yarn.rope_parameters(config.rope_parameters.get("rope_theta", 1e4))
     config.max_position_embeddings = int(max(TOY_TRAIN_LEN * factor, max(settings.lengths)))
     teacher_yarn = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval().to(device)
     hybrid, _ = load_model(hybrid_dir, device=device, dtype=torch.float32)
-    log(f"models on {device}: teacher {BASE}, teacher + YaRN x{factor:g}, hybrid {settings.student_layout}")
+    log(f"models on {device}: teacher {settings.base}, teacher + YaRN x{factor:g}, hybrid {settings.student_layout}")
     return dict(teacher=teacher, teacher_yarn=teacher_yarn, hybrid=hybrid)
 
 
@@ -459,11 +427,10 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
     from .stats import accuracy_ci
 
     step(settings, "evaluate")
-    plan = QUICK_PLAN if settings.quick else FULL_PLAN
     tok = world.tokenizer()
     lengths = settings.lengths
     short = TOY_TRAIN_LEN if TOY_TRAIN_LEN in lengths else min(lengths)
-    stream = _heldout_stream(world, plan["ppl_tokens"])
+    stream = _heldout_stream(world, settings.ppl_tokens)
     active = tracker if tracker is not None and tracker.active else None
     rows, metrics = [], {}
     for label, model in models.items():
@@ -487,7 +454,7 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
             metrics.update({f"eval/{label}/niah/{length}/{task}": v for task, v in per_task[length].items()})
         t_niah = time.perf_counter() - t0
         ppl = run_perplexity(model, stream, [short], batch_size=8)["by_length"].set_index("length")["ppl"]
-        measured = [n for n in lengths if n <= plan["measure_cache_up_to"]] or lengths[:1]
+        measured = [n for n in lengths if n <= MEASURE_CACHE_UP_TO] or lengths[:1]
         eff = {r["length"]: r for r in measure_efficiency(model, measured, prefill_chunk=2048, decode_tokens=1,
                                                            warmup=False)}
         dtype = next(model.parameters()).dtype
@@ -520,7 +487,8 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
 
 def model_labels(settings: DemoSettings) -> dict:
     """How the figures and the report name the demo's models: the hybrid with its layout."""
-    return dict(teacher=f"teacher {BASE}", teacher_yarn=f"teacher {BASE} + YaRN x{settings.teacher_yarn_factor:g}",
+    base = settings.base
+    return dict(teacher=f"teacher {base}", teacher_yarn=f"teacher {base} + YaRN x{settings.teacher_yarn_factor:g}",
                 hybrid=f"hybrid {settings.student_layout}")
 
 
@@ -709,8 +677,10 @@ def run_demo(*, quick: bool = False, linear: str = "gdn", out_dir=None, tracking
     from .outputs import check_writable, locked, staged
 
     out = Path(out_dir or (DEFAULT_OUT + ("-quick" if quick else ""))).resolve()
-    params = dict(quick=quick, linear=linear, out_dir=str(out), experiment=experiment, tracking_uri=tracking_uri,
-                  **(extra or {}))
+    params = dict(quick=quick, out_dir=str(out), experiment=experiment, tracking_uri=tracking_uri, **(extra or {}))
+    if linear != "gdn":
+        layout = with_linear(DemoSettings(**params).student_layout, linear)
+        params["overrides"] = "; ".join(x for x in (params.get("overrides", ""), f"student.layout={layout}") if x)
     DemoSettings(**params)  # bad values fail here, before a kernel starts
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
@@ -718,7 +688,7 @@ def run_demo(*, quick: bool = False, linear: str = "gdn", out_dir=None, tracking
     notebook = notebook_path()
     # The notebook's defaults are the quick run: the full demo passes the full values of what --quick changes.
     full = {k: DemoSettings.__dataclass_fields__[k].default for k in QUICK_PARAMETERS}
-    params.update(QUICK_PARAMETERS if quick else full, **{k: v for k, v in (extra or {}).items()})
+    params = dict(QUICK_PARAMETERS if quick else full) | params
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("papermill").setLevel(logging.INFO)
     t0 = time.perf_counter()
@@ -778,8 +748,18 @@ def _shown(path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else str(path)
 
 
-# What --quick changes besides quick=True: two lengths, a short stage 2.
-QUICK_PARAMETERS = dict(stage2_seq_len=512, stage2_steps=4, eval_lengths="256,512", yarn_factor=2.0)
+# What --quick changes: the quick recipe, two lengths, few evaluation samples and perplexity tokens.
+QUICK_PARAMETERS = dict(quick=True, eval_samples=2, ppl_tokens=2048, eval_lengths="256,512")
+
+
+def with_linear(layout: str, linear: str) -> str:
+    """The layout with every linear block replaced by `linear`: ('2MLA2GDN', 'mamba2') -> '2MLA2M2'."""
+    from .config import layout_parts
+    from .mixers import MIXERS, linear_mixers
+
+    if linear not in linear_mixers():
+        raise UserError(f"linear={linear!r}: choose one of {', '.join(linear_mixers())}")
+    return "".join(f"{n}{MIXERS[linear if MIXERS[m].linear else m].code}" for n, m in layout_parts(layout))
 
 
 def report_text(summary: dict) -> str:

@@ -62,7 +62,9 @@ def _plain(kwargs: dict) -> dict:
 
 def split(text: str, kind=str) -> list:
     """"256, 512" -> [256, 512] (kind=int); "" -> []."""
-    return [kind(x.strip()) for x in str(text).split(",") if x.strip()]
+    from .config import parse_list
+
+    return parse_list(text, kind)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -62,9 +62,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 OVERRIDES = "overrides"  # the notebook parameter that receives dotted keys: "stages.kd-long.steps=300; ..."
 
 
-def is_override(key: str) -> bool:
-    """A dotted key (`stages.kd-long.seq_len`) names a recipe field, passed in the notebook's `overrides`."""
-    return "." in str(key)
+def is_override(key: str, declared: dict) -> bool:
+    """A key the notebook does not declare, when it declares `overrides`, names a recipe field (`teacher`,
+    `stages.kd-long.seq_len`): it is passed in `overrides`; without that parameter only dotted keys are."""
+    return key not in declared and (OVERRIDES in declared or "." in str(key))
 
 
 class SweepError(UserError):
@@ -176,7 +177,7 @@ class Sweep:
         """What the notebook gets for a point, before the sweep adds run ids and out_dir: dotted keys
         (recipe fields, `stages.kd-long.steps`) joined into its `overrides` parameter after any given there."""
         values = self.values(point)
-        dotted = {k: values.pop(k) for k in list(values) if is_override(k)}
+        dotted = {k: values.pop(k) for k in list(values) if is_override(k, self.declared)}
         if dotted:
             from .distill.stages import format_overrides
 
@@ -195,7 +196,7 @@ class Sweep:
             return self.points()
         wanted = {}
         for key, values in only.items():
-            if is_override(key) and OVERRIDES in self.declared:
+            if is_override(key, self.declared) and OVERRIDES in self.declared:
                 import yaml
 
                 values = values if isinstance(values, (list, tuple, set)) else [values]
@@ -208,7 +209,7 @@ class Sweep:
         chosen = []
         for p in self.points():
             params = self.values(p)
-            if all((json.dumps(params.get(k)) if is_override(k) else params.get(k, self.declared[k].default)) in vals
+            if all((json.dumps(params.get(k)) if is_override(k, self.declared) else params.get(k, self.declared[k].default)) in vals
                    for k, vals in wanted.items()):
                 chosen.append(p)
         if not chosen:
@@ -345,9 +346,9 @@ def load_sweep(path, *, declared: dict[str, Param] | None = None, seeds: list[in
             problems.append(f"seeds are given but {nb_name} declares no `seed` parameter")
 
         def check(where, key, value):
-            if is_override(key) and OVERRIDES in declared:
+            if is_override(key, declared) and OVERRIDES in declared:
                 return value  # a recipe field: the notebook's recipe checker validates it
-            if is_override(key):
+            if is_override(key, declared):
                 problems.append(f"{where}.{key}: a dotted key needs an `{OVERRIDES}` parameter in {nb_name}")
             elif key in INJECTED:
                 problems.append(f"{where}.{key}: set by the sweep itself, remove it")

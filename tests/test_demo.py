@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hylo_lab.demo import NIAH_TASKS, QUICK_PARAMETERS, DemoSettings
+from hylo_lab.demo import NIAH_TASKS, QUICK_PARAMETERS, DemoSettings, with_linear
 from hylo_lab.sweep import notebook_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,17 +40,20 @@ def test_the_notebook_declares_exactly_the_demo_settings():
     params = notebook_parameters(NOTEBOOK)
     fields = DemoSettings.__dataclass_fields__
     assert list(params) == list(fields)
-    quick = {k: f.default for k, f in fields.items()} | dict(quick=True, **QUICK_PARAMETERS)
+    quick = {k: f.default for k, f in fields.items()} | QUICK_PARAMETERS
     assert {k: p.default for k, p in params.items()} == quick
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(teacher="llama-xxl"), "teacher='llama-xxl'"),
-    (dict(linear="rwkv"), "linear='rwkv'"),
-    (dict(layout="4MLA"), "at least one MLA and one linear layer"),
-    (dict(layout="2MLA2GDN", mla_layers="0,1,2"), "2 MLA layers but 3 indices"),
+    (dict(overrides="teacher=toy:llama-xxl"), "unknown toy teacher 'llama-xxl'"),
+    (dict(overrides="student.layout=2MLA2RWKV"), "2MLA2RWKV"),
+    (dict(overrides="student.layout=4MLA"), "at least one MLA and one linear layer"),
+    (dict(overrides="student.mla_layers=[0, 1, 2]"), "2 MLA layers but 3 indices"),
+    (dict(overrides="stages.kd-long.yarn.factor=0.5"), "factor=0.5"),
+    (dict(overrides="stages.kd-lng.steps=3"), "has no entry 'kd-lng' (it has ild, kd-short, kd-long)"),
+    (dict(overrides="train.bach_size=3"), "did you mean 'batch_size'"),
+    (dict(overrides="train.batch_size"), "expected KEY=VALUE"),
     (dict(eval_lengths="256,abc"), "comma-separated integers"),
-    (dict(yarn_factor=0.5), "yarn_factor=0.5"),
 ])
 def test_bad_settings_fail_with_a_clear_message(bad, message):
     with pytest.raises(ValueError, match="demo settings are invalid") as err:
@@ -58,9 +61,14 @@ def test_bad_settings_fail_with_a_clear_message(bad, message):
     assert message in str(err.value)
 
 
-def test_linear_replaces_the_layouts_linear_block():
-    assert DemoSettings(layout="2MLA2GDN", linear="mamba2").mixers == ["mamba2", "mla", "mamba2", "mla"]
-    assert DemoSettings(layout="1MLA3GDN", mla_layers="0").mixers == ["mla", "gdn", "gdn", "gdn"]
+def test_overrides_set_recipe_fields():
+    assert DemoSettings(overrides="student.layout=2MLA2M2").mixers == ["mamba2", "mla", "mamba2", "mla"]
+    placed = DemoSettings(overrides="student.layout=1MLA3GDN; student.mla_layers=[0]")
+    assert placed.mixers == ["mla", "gdn", "gdn", "gdn"]
+    assert with_linear("2MLA2GDN", "mamba2") == "2MLA2M2" and with_linear("1MLA3M2", "gdn") == "1MLA3GDN"
+    s = DemoSettings(overrides="{stages.kd-long.steps: 300, stages.kd-short: null}")
+    assert [(st["name"], st["steps"]) for st in s.recipe["stages"]] == [("ild", 150), ("kd-long", 300)]
+    assert DemoSettings(quick=True).recipe["toy_world"]["quick"] is True and DemoSettings().yarn_factor == 64.0
 
 
 def test_quick_demo_writes_every_artifact(quick_demo):

@@ -48,17 +48,18 @@ def test_sample_counts_give_the_interval_the_issue_asks():
     (0.0, "fixed", 2048, 0.0),
 ])
 def test_yarn_anchor_rule(train, mode, length, expected):
-    s = DemoSettings(yarn_factor=train, yarn_eval=mode, stage2_seq_len=256)
+    yarn = f"stages.kd-long.yarn.factor={train}" if train else "stages.kd-long.yarn=null"
+    s = DemoSettings(overrides=f"stages.kd-long.seq_len=256; {yarn}", yarn_eval=mode)
     assert yarn_factor_at(s, "hybrid", length) == expected
     assert yarn_factor_at(s, "teacher", length) == 0.0
 
 
 def test_yarn_outside_the_range_warns():
     with pytest.warns(UserWarning, match=r"trains 1024 tokens, beyond YaRN's range 256 x 2 = 512"):
-        build_recipe(DemoSettings(stage2_seq_len=1024, yarn_factor=2.0))
+        DemoSettings(overrides="stages.kd-long.seq_len=1024; stages.kd-long.yarn.factor=2.0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build_recipe(DemoSettings(stage2_seq_len=1024, yarn_factor=4.0))  # the paper's 4x: covered, no warning
+        DemoSettings(overrides="stages.kd-long.seq_len=1024; stages.kd-long.yarn.factor=4.0")  # the paper's 4x: covered, no warning
 
 
 def test_bad_yarn_eval_and_counts_are_refused():

@@ -15,9 +15,9 @@ TINY_YAML = DATA / "tiny_sweep.yaml"
 ABLATIONS = sorted((ROOT / "ablations").glob("*.yaml"))
 
 # What notebooks/00_quickstart.ipynb declares (issue 7); checks the ablation files until the notebook exists.
-QUICKSTART = dict(run_id="", parent_run_id="", experiment="quickstart", tracking_uri="", seed=0, quick=True,
-                  teacher="llama-s", layout="2MLA2GDN", mla_layers="", linear="gdn", stage2_seq_len=256,
-                  stage2_steps=20, yarn_factor=0.0, eval_lengths="256,512", out_dir="")
+QUICKSTART = dict(run_id="", parent_run_id="", experiment="quickstart", tracking_uri="", seed=0, world_seed=0,
+                  quick=True, overrides="", yarn_eval="fixed", eval_samples=2, long_eval_samples=8,
+                  eval_lengths="256,512", ppl_tokens=2048, out_dir="")
 
 
 def write_sweep(tmp_path, **overrides):
@@ -205,9 +205,12 @@ def test_ablation_files_name_only_parameters_their_notebook_declares(path):
     assert sweep.name == path.stem and sweep.metrics and sweep.plots and sweep.paper_finding
     assert len(sweep.seeds) >= 3, "at least 3 seeds per point (issue 16)"
     assert 2 <= len(sweep.points()) // len(sweep.seeds) <= 8, "keep the grid small enough for the toy world on CPU"
-    values = [sweep.parameters(p) for p in sweep.points()]
-    assert all(v.get("linear", "gdn") == "gdn" for v in values if "GDN" in v.get("layout", "GDN")
-               and "linear" not in sweep.grid), "GDN where the YAML says GDN"
+    from hylo_lab.demo import DemoSettings
+
+    for point in sweep.points():  # every recipe field the YAML sets passes the recipe checker
+        settings = DemoSettings(**sweep.parameters(point))
+        layout = point.get("student.layout", settings.student_layout)
+        assert settings.student_layout == layout and settings.mixers.count("mla") == int(layout[0])
 
 
 def test_the_four_ablations_exist():
