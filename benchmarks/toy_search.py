@@ -3,9 +3,10 @@
     python benchmarks/toy_search.py VARIANTS.json --out DIR [--workers 6] [--deadline 540]
     python benchmarks/toy_search.py --report DIR/search.json [...] > table.md
 
-VARIANTS.json is a list of {"name": ..., "teacher": {...}, "demo": {...}, "plan": {...}}: "teacher" overrides
-`toy.TEACHER_TRAINING[base]` (any `train_teacher` keyword, e.g. steps, lr), "demo" overrides `DemoSettings` and
-"plan" `demo.FULL_PLAN` (e.g. more evaluation samples); optional: "base" (the teacher to train, default the
+VARIANTS.json is a list of {"name": ..., "teacher": {...}, "demo": {...}, "recipe": {...}}: "teacher" overrides
+`toy.TEACHER_TRAINING[base]` (any `train_teacher` keyword, e.g. steps, lr), "demo" sets `DemoSettings` (e.g.
+eval_samples) and "recipe" fields of recipes/demo.yaml as dotted keys ({"data.synthetic.fraction": 0.6});
+optional: "base" (the teacher to train, default the
 demo's llama-s), "world" (toy-world constants of hylo_lab.data.toy, e.g. {"DIGIT_GROUP": 2}) and
 "teacher_only" ({"samples": N, "lengths": [...]}: train and evaluate the teacher alone, no hybrid; `teacher_only`
 below). Each variant runs in its own process:
@@ -56,13 +57,15 @@ def run_variant(variant: dict, out: str) -> dict:
     sys.stderr = open(folder / "log.txt", "w", buffering=1)
     t0 = time.perf_counter()
     set_world(toy, variant.get("world", {}))
-    demo.BASE = variant.get("base", demo.BASE)
-    toy.TEACHER_TRAINING[demo.BASE] = dict(toy.TEACHER_TRAINING[demo.BASE], bf16=False,
-                                           **variant.get("teacher", {}))
-    demo.FULL_PLAN.update(variant.get("plan", {}))
+    base = variant.get("base", "llama-s")
+    toy.TEACHER_TRAINING[base] = dict(toy.TEACHER_TRAINING[base], bf16=False, **variant.get("teacher", {}))
+    recipe = {"base": f"toy:{base}", **variant.get("recipe", {})}
     if "teacher_only" in variant:  # no stage-2 teacher to train
-        variant = dict(variant, demo=dict(variant.get("demo", {}), teacher=demo.BASE))
+        recipe["teacher"] = f"toy:{base}"
+    from hylo_lab.distill.stages import format_overrides
+
     settings = demo.DemoSettings(**dict(variant.get("demo", {}), out_dir=str(folder), experiment=name,
+                                        overrides=format_overrides(recipe),
                                         tracking_uri=f"sqlite:///{folder.resolve()}/mlflow.db"))
     tracker = demo.start(settings)
     world = demo.prepare_world(settings, tracker)
@@ -133,7 +136,7 @@ def report(paths) -> str:
         for name, res in json.loads(Path(path).read_text())["done"].items():
             v = res["variant"]
             over = "; ".join(f"{k}: {json.dumps(v[k])}" for k in ("teacher", "demo") if v.get(k))
-            over += "; plan: " + json.dumps({k: x for k, x in v.get("plan", {}).items() if "eval" not in k})
+            over += "; recipe: " + json.dumps({k: x for k, x in v.get("recipe", {}).items() if "eval" not in k})
             over += "".join(f"; {k}: {json.dumps(v[k])}" for k in ("base", "world") if v.get(k))
             if "error" in res:
                 lines.append(f"| {Path(path).parent.name} | {name} | {over} | error: "
