@@ -28,8 +28,8 @@ DIVERGED x of its best) and the summary names them.
 Batches: `batch_size` rows per optimizer step for all processes together, `micro_batch_size` rows per
 forward per process, gradient accumulation = batch_size / (micro_batch_size x processes). Every process
 packs the same global batch and takes its own rows, so 1 or N GPUs see the same data in the same order.
-Multi-GPU: `accelerate launch [--multi_gpu | --use_fsdp ...] -m hylo_lab.cli distill RECIPE.yaml`
-(FSDP: wrap HyloDecoderLayer; the teacher is not sharded, each process holds a bf16 copy).
+Multi-GPU: `accelerate launch [--multi_gpu | --use_fsdp --fsdp_version 2] -m hylo_lab.cli distill RECIPE.yaml`
+(FSDP2 and checkpoints that reshard: distributed.py; the teacher is replicated there, not sharded).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from torch import nn
 
 from ..data.packing import PackedStream, check_fills_row, heldout_rows
 from ..data.sources import open_source
+from .distributed import full_state_dict, load_state, make_accelerator, save_pretrained, save_state
 from .ild import TeacherForcedStudent, teacher_states
 from .kd import KDStudent, apply_yarn, check_shared_tokenizer, teacher_kd_targets
 from ..errors import UserError
@@ -280,12 +281,11 @@ class Distiller:
 
     def setup(self):
         """Everything cheap that can fail: runs before any model weight is loaded."""
-        from accelerate import Accelerator
-
         r, t = self.recipe, self.t
         if t.device == "cuda" and not torch.cuda.is_available():
             raise RecipeError("train.device=cuda but no CUDA device is visible")
-        self.accelerator = Accelerator(cpu=t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available()))
+        cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = make_accelerator(cpu=cpu, bf16=t.precision == "bf16" or (t.precision == "auto" and not cpu))
         self.device = self.accelerator.device
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         if self.bf16 and self.device.type == "cpu" and t.precision == "bf16":
@@ -724,14 +724,13 @@ class Distiller:
         best_dir = run_dir / "best"
 
         def save_best(s: int, value: float):
-            state_dict = acc.get_state_dict(wrapper)
+            state_dict = full_state_dict(acc, wrapper)
             if self.main:
                 tmp = run_dir / "best.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-                acc.unwrap_model(wrapper).student.save_pretrained(
-                    tmp, state_dict={k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")},
-                    safe_serialization=True)
+                save_pretrained(acc, acc.unwrap_model(wrapper).student, tmp,
+                                {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")})
                 self.tokenizer.save_pretrained(tmp)
                 (tmp / "best.json").write_text(json.dumps(dict(run=run, step=s, eval_kl=value)))
                 shutil.rmtree(best_dir, ignore_errors=True)
@@ -773,7 +772,7 @@ class Distiller:
                 shutil.rmtree(tmp, ignore_errors=True)
                 ckdir.mkdir(parents=True, exist_ok=True)
             acc.wait_for_everyone()
-            acc.save_state(str(tmp), safe_serialization=False)  # torch.save keeps tied weights without warnings
+            save_state(acc, str(tmp))
             if self.main:
                 state = dict(step=s, tokens=tokens, steps=steps, run=run, data=stream.state_dict(),
                              eval_kl=result.eval_kl)
@@ -865,7 +864,7 @@ class Distiller:
                     seconds_this_invocation=time.perf_counter() - t0,
                     **({"diverged": result.diverged} if result.diverged else {}))
         unwrapped = acc.unwrap_model(wrapper).student
-        state_dict = acc.get_state_dict(wrapper)
+        state_dict = full_state_dict(acc, wrapper)
         state_dict = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
         for p in unwrapped.parameters():
             p.requires_grad_(True)
@@ -875,7 +874,7 @@ class Distiller:
             tmp = final.with_name("final.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            save_pretrained(acc, unwrapped, tmp, state_dict)
             self.tokenizer.save_pretrained(tmp)
             (tmp / "done.json").write_text(json.dumps(info, indent=2))
             os.replace(tmp, final)
@@ -899,7 +898,9 @@ class Distiller:
         for i, ckpt in enumerate(reversed(found)):
             try:
                 state = json.loads((ckpt / "trainer_state.json").read_text())
-                self.accelerator.load_state(str(ckpt))
+                load_state(self.accelerator, str(ckpt))
+            except UserError:  # readable, but not by this launch (FSDP vs not): keep it
+                raise
             except Exception as exc:  # noqa: BLE001 - any unreadable file: torch, json, accelerate
                 bad = ckpt.with_name(ckpt.name + ".unreadable")
                 if self.main:
