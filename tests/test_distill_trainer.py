@@ -313,20 +313,23 @@ def test_cli_check_then_a_stopped_run(world, tmp_path, capsys):
 
 
 def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
-    """benchmarks/distill_gpu.py with tiny shapes on CPU: every configuration runs and both files are written."""
+    """benchmarks/distill_gpu.py with tiny shapes on CPU: every configuration runs, the fused losses agree with
+    the plain ones, and both files are written."""
     import runpy
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_gpu.py"
-    results = runpy.run_path(str(script))["main"](["--out", str(tmp_path), "--smoke"])
-    assert len(results["kl"]) == 6 and len(results["step"]) == 6
-    assert all(r["status"] == "ok" for r in results["kl"] + results["step"])
-    losses = {r["kl"]: r["loss"] for r in results["kl"] if r["tokens"] == 128}
-    assert losses["chunked"] == pytest.approx(losses["plain"], rel=2e-2)  # bf16 logits vs float32 tiles
-    assert losses["hidden"] == pytest.approx(losses["chunked"], rel=1e-4)
-    assert {r["student"] for r in results["step"]} == {"hybrid", "llama"}
-    assert (tmp_path / "distill_gpu.json").is_file()
-    assert "| hybrid |" in (tmp_path / "distill_gpu.md").read_text()
+    assert runpy.run_path(str(script))["main"](["--out", str(tmp_path), "--smoke"]) == 0
+    results = json.loads((tmp_path / "distill_gpu.json").read_text())
+    rows = results["losses"] + results["student"] + results["step"]
+    assert rows and all(r["status"] == "ok" for r in rows)
+    kl = {r["impl"]: r for r in results["losses"][:3]}
+    assert set(kl) == {"plain", "chunked", "hidden"}
+    # bf16 logits in the plain form vs float32 tiles in the fused ones
+    assert kl["chunked"]["loss"] == pytest.approx(kl["plain"]["loss"], rel=2e-2)
+    assert kl["hidden"]["loss"] == pytest.approx(kl["chunked"]["loss"], rel=1e-4)
+    assert {r["student"] for r in results["step"]} >= {"gdn", "m2", "llama"}
+    assert "| llama |" in (tmp_path / "distill_gpu.md").read_text()
 
 
 def test_two_process_ddp_through_accelerate_launch_matches_one_process(world, tmp_path):
