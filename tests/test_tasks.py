@@ -301,10 +301,10 @@ def test_128k_is_fast(byte_tok):
 def test_synthetic_words_do_not_depend_on_earlier_requests():
     """cwe / fwe / the tokenizer corpus draw from one cached word sequence: asking for 300 words first must not
     change the 4096 that fwe uses (it did when the cache grew from a seed named by its current length)."""
-    from hylo_lab.data.tasks import _synthetic_words
+    from hylo_lab.data.tasks.text import synthetic_words
 
     cache = []
-    _synthetic_words(300, cache)
-    _synthetic_words(1024, cache)
-    assert _synthetic_words(4096, cache) == _synthetic_words(4096, [])
-    assert len(set(_synthetic_words(4096, []))) == 4096
+    synthetic_words(300, cache)
+    synthetic_words(1024, cache)
+    assert synthetic_words(4096, cache) == synthetic_words(4096, [])
+    assert len(set(synthetic_words(4096, []))) == 4096

@@ -1,7 +1,7 @@
 """The needle-in-a-haystack grid: accuracy over context length x needle depth, drawn as a heat map.
 
 Every cell uses the same seeds, so the needles say the same thing at every length and depth: only where they
-sit and how much haystack surrounds them changes (data/tasks.py).
+sit and how much haystack surrounds them changes (data/tasks/).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The RULER-style suite: generate samples (data/tasks.py), decode answers with the cache, score, save, log.
+"""The RULER-style suite: generate samples (data/tasks/), decode answers with the cache, score, save, log.
 
 One call per model: `run_ruler(model, tokenizer, [256, 512, 1024])` returns per task x length accuracy, the
 average over the tasks that ran at each length, and what did not run and why (QA tasks without a `qa_file`,
@@ -86,7 +86,7 @@ def ruler_tables(records: list[dict], tasks, lengths, not_run: dict):
 def run_ruler(model, tokenizer, lengths, *, tasks=T.RULER_TASKS, num_samples: int = 4, seed: int = 0,
               haystack: str | None = None, qa_file=None, batch_size: int = 1, prefill_chunk: int | None = None,
               generate_fn: GenerateFn | None = None, tracker=None, out_dir=None, label: str = "") -> dict:
-    """RULER-style accuracy of `model` per task x length, seeds seed .. seed+num_samples-1 (data/tasks.py).
+    """RULER-style accuracy of `model` per task x length, seeds seed .. seed+num_samples-1 (data/tasks/).
 
     Returns {"table": DataFrame(task, length, score, n, status, reason), "average": DataFrame(length, average,
     tasks_run, tasks_requested, complete), "not_run": {task | task@length: why}, "records": per-sample
