@@ -3,7 +3,7 @@
 # results written as they land and packed into $OUT/results.tar.gz (the device tool returns at most 8 files).
 #
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590)
-# Environment: STEPS (space-separated subset of: tests decode long kernels distill; default all), LABEL (a note
+# Environment: TOTAL_S (wall budget, default 570), STEPS (space-separated subset of: tests decode long kernels distill; default all), LABEL (a note
 #   on the software stack), Z3=1 (tilelang's z3 from .whl_z3 is carried too: sets LD_LIBRARY_PATH).
 set -u
 START=$(date +%s)
@@ -23,6 +23,7 @@ export PYTHONPATH="$PWD:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >>"$LOG" 2>&1
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >>"$LOG" 2>&1
 STEPS=${STEPS:-tests decode long kernels distill}
+TOTAL=${TOTAL_S:-570}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if has tests; then
@@ -48,7 +49,7 @@ if has kernels; then
     --checks gdn_chunk,ssd_chunk,ssd_recurrent,gdn_torch_train,ssd_torch_train >>"$LOG" 2>&1 || say "kernel_check exit $?"
 fi
 if has distill; then
-  LEFT=$(( 570 - ($(date +%s) - START) ))
+  LEFT=$(( TOTAL - ($(date +%s) - START) ))
   if [ "$LEFT" -gt 60 ]; then
     say "distill_gpu (budget $(( LEFT - 25 ))s)"
     timeout $(( LEFT - 10 )) python3 benchmarks/distill_gpu.py --out "$R" --budget-s $(( LEFT - 25 )) \
