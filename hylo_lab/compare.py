@@ -21,7 +21,8 @@ import json
 import re
 from pathlib import Path
 
-from .sweep import _PATTERN, SweepError, _export_as_run, child_runs, find_parent, load_sweep, point_key, runs_frame
+from .sweep import (METRIC_PATTERN, SweepError, child_runs, export_as_run, find_parent, load_sweep, point_key,
+                    runs_frame)
 
 PAIRED_CI = "bootstrap over paired seeds (BCa, 95%)"
 
@@ -61,7 +62,7 @@ def exported_runs(sweep_file, points_dir=None):
     if not exported:
         raise SweepError(f"no exported points in {folder}: run `hylo-lab sweep {sweep_file}` first")
     order = {point_key(p): i for i, p in enumerate(loaded.points())}
-    runs = [_export_as_run(d) for k, d in exported.items() if k in order]
+    runs = [export_as_run(d) for k, d in exported.items() if k in order]
     frame = runs_frame(runs, loaded.axes, newest_first=False)
     frame = frame.sort_values("point", key=lambda s: s.map(order)).reset_index(drop=True)
     frame.attrs.update(parent_run_id=None, tracking_uri=None, sweep=loaded.name, points_dir=str(folder))
@@ -157,7 +158,7 @@ def long_form(frame, y: str):
     """(table, y column, x column or None): a pattern y melts its matching metric columns into rows."""
     import pandas as pd
 
-    match = _PATTERN.fullmatch(y)
+    match = METRIC_PATTERN.fullmatch(y)
     if not match:
         return frame, y, None
     prefix, var, suffix = match.groups()
@@ -224,7 +225,7 @@ def plot_sweep(frame, plot: dict, *, title: str | None = None):
 def figure_name(plot: dict) -> str:
     if plot.get("name"):
         return str(plot["name"])
-    y = _PATTERN.sub(lambda m: (m.group(1) + m.group(3)).strip("/"), str(plot["y"]))
+    y = METRIC_PATTERN.sub(lambda m: (m.group(1) + m.group(3)).strip("/"), str(plot["y"]))
     parts = [y, "vs", str(plot["x"])] + (["by", str(plot["hue"])] if plot.get("hue") else [])
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(parts)).strip("_")
 

@@ -1,14 +1,14 @@
 """Where sweep points run: `RayExecutor` sends each (point, seed) to a Ray cluster as one task with declared
 resources (`num_gpus` may be fractional: 0.25 packs four points onto one GPU). The local executor (papermill
-processes on this machine) stays in sweep.py and is the default.
+processes on this machine) stays in sweep/running.py and is the default.
 
-Contract, shared with sweep._execute: called with the sweep's task dicts, it yields one result dict per task
-(key, run_id, status, duration_s, error) as tasks complete. Here, besides:
+Contract, shared with the local executor (sweep/running.py): called with the sweep's task dicts, it yields one
+result dict per task (key, run_id, status, duration_s, error) as tasks complete. Here, besides:
   - the workers log to the tracking URI the driver passes in each task: use one MLflow server every node reaches
     (`mlflow server --backend-store-uri sqlite:///$PWD/mlflow.db --artifacts-destination $PWD/mlartifacts
     --host 0.0.0.0 --port 5000`, then `--tracking-uri http://HEAD:5000`); a sqlite or file URI only works when
     every worker runs on the driver's machine.
-  - after each point the driver (sweep._run_points, for every executor) exports the sweep's
+  - after each point the driver (sweep.running, for every executor) exports the sweep's
     results/<name>/points/<point>.json (export_result) from what the child run logged in MLflow, so no result lives
     only on a worker's disk; the worker records where it ran (where_it_ran).
   - a worker (or node) that dies mid-point is not retried (max_retries=0): the driver marks the point's child run
@@ -30,10 +30,10 @@ from .errors import UserError
 
 def _remote_point(task: dict) -> dict:
     """On a worker: the folders the driver named may not exist on this node."""
-    from .sweep import _run_point
+    from .sweep import run_point
 
     Path(task["output"]).parent.mkdir(parents=True, exist_ok=True)
-    return _run_point(task)
+    return run_point(task)
 
 
 def export_result(task: dict, result: dict, results_dir: Path) -> Path:
@@ -41,7 +41,7 @@ def export_result(task: dict, result: dict, results_dir: Path) -> Path:
     compare rebuilds runs.csv from it): point, status, run_id, duration_s, error, params_hash, parameters, axes,
     where (host, device, git sha of the machine that ran it), tags, params and metrics of the child run (from
     MLflow when tracked). Written to a temporary file, then moved into place."""
-    from .sweep import _slug
+    from .sweep import slug
     from .tracking import find_runs
 
     run = None
@@ -64,7 +64,7 @@ def export_result(task: dict, result: dict, results_dir: Path) -> Path:
                 tags=tags, params=(run or {}).get("params", {}), metrics=(run or {}).get("metrics", {}))
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{_slug(task['key'])}.json"
+    path = results_dir / f"{slug(task['key'])}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
