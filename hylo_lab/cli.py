@@ -101,7 +101,7 @@ def cmd_eval(args):
         tracker = tracker if tracker.active else None
     try:
         results = evaluate(args.model, names(args.suite), seed=args.seed, tracker=tracker, out_dir=args.out_dir,
-                           label=args.label, **kwargs)
+                           label=args.label, progress=True, **kwargs)
     except BaseException:
         if tracker is not None:
             tracker.end("FAILED")

@@ -118,11 +118,13 @@ def format_seconds(seconds: float) -> str:
 
 
 class Overall:
-    """The overall progress of one command: `expected` maps each step's name to its typical seconds, in order.
+    """The overall progress of one command: `expected` maps each step's name to its typical seconds, in order
+    (relative=True: to its relative cost, e.g. tokens; no estimate then until a step has finished).
     `step(name)` marks the start of a step and prints the line; `done()` prints the total."""
 
-    def __init__(self, what: str, expected: dict[str, float], *, echo=None):
+    def __init__(self, what: str, expected: dict[str, float], *, echo=None, relative: bool = False):
         self.what, self.expected, self.t0 = what, dict(expected), time.perf_counter()
+        self.relative = relative
         self.finished: list[str] = []
         self.current: str | None = None
         self.echo = echo or (lambda line: print(line, flush=True))
@@ -142,8 +144,9 @@ class Overall:
     def line(self) -> str:
         names = list(self.expected)
         k = names.index(self.current) + 1 if self.current in names else len(self.finished)
-        return (f"[{self.what} {k}/{len(names)} {self.current or ''} | {format_seconds(self.elapsed())} elapsed, "
-                f"about {format_seconds(self.left())} left]")
+        left = ("estimate after the first step" if self.relative and not self.finished
+                else f"about {format_seconds(self.left())} left")
+        return f"[{self.what} {k}/{len(names)} {self.current or ''} | {format_seconds(self.elapsed())} elapsed, {left}]"
 
     def step(self, name: str) -> None:
         if self.current is not None and self.current not in self.finished:

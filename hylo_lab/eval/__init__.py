@@ -158,7 +158,7 @@ def evaluate(model, suite="ruler", *, tokenizer=None, lengths=(1024,), tasks=Non
              qa_file=None, documents=None, position_length: int | None = None, bucket_size: int | None = None,
              harness_tasks=None, include_path=None, num_fewshot: int = 0, limit=None, batch_size: int = 1,
              prefill_chunk: int | None = 2048, decode_tokens: int = 16, device=None, dtype=None, tracker=None,
-             out_dir=None, label: str = "") -> dict:
+             out_dir=None, label: str = "", progress: bool = False) -> dict:
     """Run one suite or several on a model object (with `tokenizer`) or a saved folder. Returns {suite: result}:
 
     ruler -> run_ruler's dict; niah -> run_niah_grid's DataFrame; ppl -> run_perplexity's dict (needs
@@ -169,6 +169,7 @@ def evaluate(model, suite="ruler", *, tokenizer=None, lengths=(1024,), tasks=Non
     models (teacher, upcycled students) can be logged side by side in one MLflow run.
     Every input that needs no weights is checked first (check_request: UserError), and `out_dir` must be
     writable; its suite folders are written beside it and moved into place only when every suite has run.
+    progress=True prints the overall line (progress.Overall) on stderr as each suite starts (`part_costs`).
     """
     suites = [s.strip() for s in suite.split(",")] if isinstance(suite, str) else list(suite)
     lengths = [lengths] if isinstance(lengths, int) else list(lengths)
@@ -209,16 +210,26 @@ def evaluate(model, suite="ruler", *, tokenizer=None, lengths=(1024,), tasks=Non
 
 def _run_suites(model, suites, stage, args: dict) -> dict:
     """evaluate's loop over suites (`args`: evaluate's arguments), writing under the folder `stage` when given."""
+    import sys
     from types import SimpleNamespace
 
+    from ..progress import Overall
+
     a = SimpleNamespace(**args)
+    costs = part_costs(suites, a.lengths, tasks=a.tasks, depths=a.depths, num_samples=a.num_samples,
+                       documents=a.documents, batch_size=a.batch_size, decode_tokens=a.decode_tokens,
+                       harness_tasks=a.harness_tasks, limit=a.limit)
+    overall = Overall("eval", costs, relative=True, echo=(lambda line: print(line, file=sys.stderr, flush=True))
+                      if a.progress else (lambda line: None))
 
     def where(name):
         return None if stage is None else Path(stage) / f"{name}{'_' + a.label if a.label else ''}"
 
     common = dict(batch_size=a.batch_size, prefill_chunk=a.prefill_chunk, tracker=a.tracker, label=a.label)
     results = {}
+    part = {name.split()[0]: name for name in costs}
     for s in suites:
+        overall.step(part[s])
         if s == "ruler":
             from ..data.tasks import RULER_TASKS
             from .ruler import run_ruler
@@ -259,7 +270,32 @@ def _run_suites(model, suites, stage, args: dict) -> dict:
                 efficiency_figure(rows, title=f"efficiency {a.label}".strip()).savefig(
                     where(s) / f"{where(s).name}.png", dpi=120, bbox_inches="tight")
             results[s] = rows
+    overall.done()
     return results
+
+
+HARNESS_DOC_TOKENS = 4 * 256  # a guess per lm-eval doc (a few choices of a few hundred tokens): its cost is unknown
+
+
+def part_costs(suites, lengths, *, tasks=None, depths=DEFAULT_DEPTHS, num_samples=4, documents=None, batch_size=1,
+               decode_tokens=16, harness_tasks=None, limit=None) -> dict:
+    """{part name: relative cost} for the overall progress line, one part per suite ("niah 256..8192"), the cost
+    being the tokens the model reads:
+        ruler: tasks x samples x sum(lengths)      niah: depths x samples x sum(lengths)
+        ppl: documents x max(lengths)              efficiency: batch x sum(length + decode_tokens)
+        harness: tasks x docs x HARNESS_DOC_TOKENS (docs: `limit`, else 1000)"""
+    from ..data.tasks import RULER_TASKS
+    from .harness import PAPER_HARNESS_TASKS
+
+    span = f"{min(lengths)}..{max(lengths)}" if len(set(lengths)) > 1 else str(lengths[0])
+    n_docs = len(documents) if isinstance(documents, (list, tuple)) else 1
+    harness_docs = limit if limit is not None and limit >= 1 else 1000
+    cost = dict(ruler=len(tasks or RULER_TASKS) * num_samples * sum(lengths),
+                niah=len(depths) * num_samples * sum(lengths),
+                ppl=n_docs * max(lengths),
+                efficiency=batch_size * sum(n + decode_tokens for n in lengths),
+                harness=len(harness_tasks or PAPER_HARNESS_TASKS) * harness_docs * HARNESS_DOC_TOKENS)
+    return {(s if s == "harness" else f"{s} {span}"): float(cost[s]) for s in suites}
 
 
 def summary_text(results: dict) -> str:
@@ -290,4 +326,4 @@ def summary_text(results: dict) -> str:
     return "\n\n".join(parts)
 
 
-__all__ = ["evaluate", "check_request", "load_model", "load_documents", "summary_text", "SUITES"]
+__all__ = ["evaluate", "check_request", "load_model", "load_documents", "part_costs", "summary_text", "SUITES"]
