@@ -169,7 +169,7 @@ def cmd_distill(args):
                 for st in recipe.stages))
             return
         summary = run_recipe(recipe, resume=args.resume, max_steps=args.max_steps,
-                             allow_recipe_change=args.allow_recipe_change)
+                             allow_recipe_change=args.allow_recipe_change, overall=True)
     except (NonFiniteLoss, OSError) as exc:
         sys.exit(f"hylo-lab distill: {exc}")
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only rank 0 reports

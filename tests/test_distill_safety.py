@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from hylo_lab.cli import main
+from hylo_lab.distill.checkpoints import LOCK, latest_checkpoint, list_checkpoints
 from hylo_lab.distill.stages import RecipeError, recipe_from_dict
-from hylo_lab.distill.trainer import LOCK, Distiller, latest_checkpoint, list_checkpoints, run_recipe
+from hylo_lab.distill.trainer import Distiller, run_recipe
 from hylo_lab.errors import UserError
 from test_distill_trainer import recipe, weights, world  # noqa: F401 - world is a fixture
 

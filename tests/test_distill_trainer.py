@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hylo_lab.distill.kd import KDStudent, chunked_cross_entropy, teacher_kd_targets
+from hylo_lab.distill.kd import KDStudent, teacher_kd_targets
+from hylo_lab.distill.losses import fused_linear_cross_entropy
 from hylo_lab.distill.stages import RecipeError, StageSpec
 from hylo_lab.distill.trainer import (
     Distiller,
@@ -99,6 +100,45 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_run(world, tmp_path):
     assert not (tmp_path / "parts" / "kd" / "checkpoints").exists()  # removed once the run finished
     with pytest.raises(RecipeError, match="already holds a run: pass --resume"):
         run_recipe(parts)
+
+
+class RecordingTracker:
+    active = True
+
+    def __init__(self):
+        self.metrics = {}
+
+    def log_metrics(self, metrics, step=None):
+        for k, v in metrics.items():
+            self.metrics.setdefault(k, []).append(v)
+
+    def log_artifact(self, *args, **kwargs):
+        pass
+
+    set_tags = log_dict = end = log_artifact
+
+
+# Measured on the code before the trainer was split into checkpoints / evaluation / preflight (same seeds):
+# 4 steps per run, losses after each step; the schedule's lr is exact (warmup 0 in ild, 1 step in kd).
+GOLDEN = {"train/ild/mla/loss": [0.9789749383926392, 1.4269027709960938, 1.2418469190597534, 1.2234623432159424],
+          "train/ild/gdn/loss": [3.684878349304199, 2.9111971855163574, 2.6799895763397217, 2.995542526245117],
+          "train/kd/loss": [1.1447367668151855, 1.2816568613052368, 1.2392053604125977, 1.1125121116638184],
+          "eval/kd/kl": [0.06830277293920517, 0.06603366136550903, 0.06627243012189865]}
+GOLDEN_LR = {"train/ild/gdn/lr": [0.003, 0.002560660171779821, 0.0015, 0.0004393398282201788],
+             "train/kd/lr": [0.001, 0.001, 0.00075, 0.0002500000000000001]}
+
+
+def test_golden_losses_of_a_tiny_recipe(world, tmp_path):
+    """Stage 1 (MLA and GDN students) and stage 2 (KL + 0.3 CE), 4 steps each, log and evaluate often: every
+    training loss and held-out KL equals the recorded one, every learning rate exactly."""
+    raw = recipe(world, tmp_path / "out", log_every=1, eval_every=2)
+    raw["stages"][1]["ce_weight"] = 0.3
+    tracker = RecordingTracker()
+    run_recipe(raw, tracker=tracker)
+    for name, values in GOLDEN.items():
+        assert tracker.metrics[name] == pytest.approx(values, rel=1e-5, abs=1e-7), name
+    for name, values in GOLDEN_LR.items():
+        assert tracker.metrics[name] == values, name
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
@@ -225,7 +265,7 @@ def test_chunked_cross_entropy_equals_plain():
     w = torch.randn(30, 8, requires_grad=True)
     y = torch.randint(0, 30, (3, 10))
     y[0, -1] = -100
-    a = chunked_cross_entropy(h, w, y, chunk_size=4)
+    a = fused_linear_cross_entropy(h, w, y, chunk_size=4)
     b = F.cross_entropy((h @ w.T).flatten(0, 1), y.flatten(), ignore_index=-100)
     assert torch.allclose(a, b, atol=1e-6)
     ga = torch.autograd.grad(a, (h, w))
@@ -310,6 +350,27 @@ def test_cli_check_then_a_stopped_run(world, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["distill", str(path)])
     assert info.value.code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+def test_cli_prints_an_overall_progress_line_per_run(world, tmp_path, capsys):
+    """`hylo-lab distill`: one line as each training run starts (3 here: ild/mla, ild/gdn, kd) with elapsed time,
+    an estimate once a run has finished, and the total at the end; a resume counts only the runs left."""
+    import re
+
+    import yaml
+
+    from hylo_lab.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(world, tmp_path / "out", ild_steps=1, kd_steps=1)))
+    main(["distill", str(path), "--max-steps", "2"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[distill ")]
+    assert [x.split(" |")[0] for x in lines] == ["[distill 1/3 ild/mla", "[distill 2/3 ild/gdn"]
+    assert lines[0].endswith("elapsed, estimate after the first step]")
+    assert re.search(r"\| \d+:\d\d elapsed, about \d+:\d\d left\]$", lines[1])
+    main(["distill", str(path), "--resume"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[distill ")]
+    assert lines[0].startswith("[distill 1/1 kd | ") and re.fullmatch(r"\[distill done in \d+:\d\d\]", lines[1])
 
 
 def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):

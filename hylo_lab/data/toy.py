@@ -269,6 +269,7 @@ def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = 
     Returns the model in eval mode on CPU; `model.train_log` holds the loss per step, tokens and seconds.
     """
     from ..progress import bar as progress_bar
+    from ..schedule import warmup_cosine
     from transformers import AutoModelForCausalLM
 
     if tokenizer is None or train_texts is None:
@@ -299,12 +300,6 @@ def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = 
                                   weight_decay=0.0)], lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     warmup_steps = max(1, int(warmup * steps))
 
-    def lr_at(step):  # linear warmup, cosine to 10% of lr
-        if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
     bf16 = device.type == "cuda" if bf16 is None else bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     log = dict(loss=[], tokens=0, seconds=0.0, steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len,
@@ -315,7 +310,7 @@ def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = 
     bar = progress_bar(range(steps), desc=f"teacher {name}", disable=not progress, mininterval=1.0)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine(step, lr=lr, warmup_steps=warmup_steps, total_steps=steps, min_ratio=0.1)
         warm = step < copy_steps
         parts = [batches.copy_batch(*COPY_WARMUP) if warm else batches(batch_size)]
         if not warm and copy_rows:

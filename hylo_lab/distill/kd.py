@@ -4,9 +4,9 @@
     student: same input ids -> logits, or final hidden states + its own LM-head weight
     loss = kl_weight * T^2 KL(p_teacher || p_student)   (direction "forward"; "reverse" swaps them)
          + ce_weight * CE(student, next tokens)           (the paper: ce_weight = 0)
-with the KL "full" (losses.kl_div on both T x V logit tensors), "chunked" (losses.fused_linear_kd: KL and CE
+with the KL "full" (losses.kd_loss on both T x V logit tensors), "chunked" (losses.fused_linear_kd: KL and CE
 from hidden states in one pass over token blocks, gradients made in forward; the fastest, and ~10% of the
-full logits' memory) or "hidden" (losses.hidden_state_kl_div: logit-free vocabulary tiles, the least memory).
+full logits' memory) or "hidden" (losses.hidden_kd_loss: logit-free vocabulary tiles, the least memory).
 A stage may first put YaRN on the MLA layers (`apply_yarn`). The teacher may be larger than the base but
 must predict over the same token ids (`check_shared_tokenizer`, run before any weight is loaded).
 """
@@ -16,20 +16,11 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .ild import heldout_kl
-from .losses import cross_entropy, fused_linear_cross_entropy, fused_linear_kd, hidden_state_kl_div, kl_div
+from .losses import fused_linear_kd, hidden_kd_loss, kd_loss, next_token_labels
 from .stages import RecipeError, StageSpec
-
-
-def chunked_cross_entropy(hidden, weight, labels, chunk_size: int = 4096, ignore_index: int = -100):
-    """cross_entropy(hidden @ weight.T, labels) without T x V logits (losses.fused_linear_cross_entropy).
-
-    hidden [..., D], weight [V, D], labels [...] aligned with hidden (the caller shifts). float32 math.
-    """
-    return fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size, ignore_index=ignore_index)
 
 
 class KDStudent(nn.Module):
@@ -52,38 +43,21 @@ class KDStudent(nn.Module):
         if heldout is not None:
             return heldout_kl(self.student, *heldout)
         st = self.stage
-        labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # labels[t] = token t+1; the last has none
-        parts = {}
-        total = None
+        labels = next_token_labels(input_ids)
+        terms = dict(kl_weight=st.kl_weight, ce_weight=st.ce_weight, direction=st.direction,
+                     temperature=st.temperature)
         if st.kl == "full":
             logits = self.student(input_ids=input_ids, use_cache=False).logits
             with torch.autocast(input_ids.device.type, enabled=False):
-                if st.kl_weight:
-                    parts["kl"] = kl_div(logits, teacher_out, direction=st.direction, temperature=st.temperature)
-                if st.ce_weight:
-                    parts["ce"] = cross_entropy(logits, labels)
-        else:
-            hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
-            head = self.student.lm_head.weight
-            with torch.autocast(input_ids.device.type, enabled=False):
-                if st.kl == "chunked":  # KL and CE in one pass: the student's logits are made once
-                    total, parts = fused_linear_kd(hidden, head, teacher_out, teacher_head_weight, labels,
-                                                   kl_weight=st.kl_weight, ce_weight=st.ce_weight,
-                                                   chunk_size=st.kl_chunk_size, direction=st.direction,
-                                                   temperature=st.temperature)
-                    return total, parts
-                if st.kl_weight:
-                    parts["kl"] = hidden_state_kl_div(hidden, teacher_out, head, teacher_head_weight,
-                                                      token_chunk=st.kl_chunk_size, vocab_chunk=st.vocab_chunk_size,
-                                                      direction=st.direction, temperature=st.temperature,
-                                                      backend=st.kl_backend)
-                if st.ce_weight:
-                    parts["ce"] = chunked_cross_entropy(hidden, head, labels, st.kl_chunk_size)
-        for name, weight in (("kl", st.kl_weight), ("ce", st.ce_weight)):
-            if name in parts:
-                term = weight * parts[name]
-                total = term if total is None else total + term
-        return total, {k: v.detach() for k, v in parts.items()}
+                return kd_loss(logits, teacher_out, labels, **terms)
+        hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        head = self.student.lm_head.weight
+        with torch.autocast(input_ids.device.type, enabled=False):
+            if st.kl == "chunked":  # KL and CE in one pass: the student's logits are made once
+                return fused_linear_kd(hidden, head, teacher_out, teacher_head_weight, labels,
+                                       chunk_size=st.kl_chunk_size, **terms)
+            return hidden_kd_loss(hidden, head, teacher_out, teacher_head_weight, labels, token_chunk=st.kl_chunk_size,
+                                  vocab_chunk=st.vocab_chunk_size, backend=st.kl_backend, **terms)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Distillation losses: KL between next-token distributions (from logits, chunked, or logit-free from
-final hidden states and LM-head weights), next-token cross-entropy, and Enhanced-ILD (method.md 5).
+final hidden states and LM-head weights), next-token cross-entropy, the stage-2 objectives built from them
+(kd_loss, hidden_kd_loss; fused_linear_kd does both in one pass), and Enhanced-ILD (method.md 5).
 
 Every KL variant follows the same conventions, so they agree in value and in gradient:
 - p = softmax(z / temperature), and the KL is multiplied by temperature**2 (Hinton et al. 2015: keeps
@@ -517,6 +518,34 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | Non
         ce = cross_entropy(student_logits, labels, ignore_index=ignore_index)
         total, parts["ce"] = total + ce_weight * ce, ce.detach()
     return total, parts
+
+
+def hidden_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor,
+                   teacher_head_weight: Tensor, labels: Tensor | None = None, *, kl_weight: float = 1.0,
+                   ce_weight: float = 0.0, direction: str = "forward", temperature: float = 1.0,
+                   token_chunk: int = 4096, vocab_chunk: int = 8192, backend: str = "auto",
+                   ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+    """kd_loss from final hidden states and LM-head weights, never T x V logits at once:
+    kl_weight * hidden_state_kl_div + ce_weight * fused_linear_cross_entropy (blocks of token_chunk tokens)."""
+    total = torch.zeros((), dtype=_compute_dtype(student_hidden), device=student_hidden.device)
+    parts = {}
+    if kl_weight:
+        kl = hidden_state_kl_div(student_hidden, teacher_hidden, student_head_weight, teacher_head_weight,
+                                 token_chunk=token_chunk, vocab_chunk=vocab_chunk, direction=direction,
+                                 temperature=temperature, backend=backend)
+        total, parts["kl"] = total + kl_weight * kl, kl.detach()
+    if ce_weight:
+        if labels is None:
+            raise ValueError("ce_weight > 0 needs labels")
+        ce = fused_linear_cross_entropy(student_hidden, student_head_weight, labels, chunk_size=token_chunk,
+                                        ignore_index=ignore_index)
+        total, parts["ce"] = total + ce_weight * ce, ce.detach()
+    return total, parts
+
+
+def next_token_labels(input_ids: Tensor, ignore_index: int = -100) -> Tensor:
+    """labels[..., t] = input_ids[..., t + 1]; the last position has none (ignore_index)."""
+    return F.pad(input_ids[..., 1:], (0, 1), value=ignore_index)
 
 
 def _token_distance(student: Tensor, teacher: Tensor, squared: bool, mask: Tensor | None) -> Tensor:
