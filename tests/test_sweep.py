@@ -148,9 +148,13 @@ def test_sweep_end_to_end_parent_children_failure_rerun_and_compare(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "notebooks"
     points = tmp_path / "points"
-    first = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=out, echo=lambda *a: None, points_dir=points)
+    printed = []
+    first = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=out, echo=printed.append, points_dir=points)
 
     assert first.point.tolist() == ["x=1", "x=2", "x=3;fail=True"]
+    overall = [line for line in printed if line.startswith("[sweep ")]
+    assert [line.split(" |")[0].split(" done")[0] for line in overall] == ["[sweep 1/3", "[sweep 2/3", "[sweep 3/3"]
+    assert "left]" in overall[0] and "done in" in overall[-1]
     assert first.status.tolist() == ["FINISHED", "FINISHED", "FAILED"]
     assert first["score"].tolist()[:2] == [0.5, 1.0]  # x * scale, scale=0.5 fixed in the YAML
     assert first["eval/niah/128"].tolist()[:2] == pytest.approx([0.1, 0.2])
@@ -263,6 +267,15 @@ def pd_read(path):
     import pandas as pd
 
     return pd.read_csv(path)
+
+
+def test_progress_line_estimates_from_finished_points():
+    """Two points finished in 10 s and 30 s: six left at two jobs take 3 x 20 s; the last line gives the total."""
+    from hylo_lab.sweep import progress_line
+
+    assert progress_line(2, 8, 65.0, [10.0, 30.0], 2) == "[sweep 2/8 | 1:05 elapsed, about 1:00 left]"
+    assert progress_line(7, 8, 65.0, [10.0] * 7, 4) == "[sweep 7/8 | 1:05 elapsed, about 0:10 left]"
+    assert progress_line(8, 8, 3700.0, [10.0] * 8, 1) == "[sweep 8/8 done in 1:01:40]"
 
 
 def test_seeds_option_replaces_the_files_seeds(tmp_path, capsys):

@@ -32,11 +32,11 @@ compare rebuilds runs.csv from them without MLflow. The parent run logs the aggr
 """
 
 from .runs import child_runs, display_path, expand_metrics, export_as_run, find_parent, natural_key, runs_frame
-from .running import run_point, run_sweep, slug
+from .running import progress_line, run_point, run_sweep, slug
 from .spec import (INJECTED, METRIC_PATTERN, OVERRIDES, Param, Sweep, SweepError, is_override, load_sweep,
                    notebook_parameters, params_hash, parse_only, parse_seeds, point_key)
 
 __all__ = ["INJECTED", "METRIC_PATTERN", "OVERRIDES", "Param", "Sweep", "SweepError", "child_runs", "display_path",
            "expand_metrics", "export_as_run", "find_parent", "is_override", "load_sweep", "natural_key",
-           "notebook_parameters", "params_hash", "parse_only", "parse_seeds", "point_key", "run_point", "run_sweep",
-           "runs_frame", "slug"]
+           "notebook_parameters", "params_hash", "parse_only", "parse_seeds", "point_key", "progress_line",
+           "run_point", "run_sweep", "runs_frame", "slug"]

@@ -145,6 +145,19 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
         return _run_points(sweep, points, parent, uri, out_dir, jobs, kernel_name, echo, executor, points_dir)
 
 
+def progress_line(done: int, total: int, elapsed: float, durations: list[float], jobs: int) -> str:
+    """The sweep's overall line: points done / total, wall time elapsed and an estimate of what is left,
+    left = mean(durations of the finished points) x points left / min(jobs, points left)."""
+    from ..progress import format_seconds
+
+    left = total - done
+    if not left:
+        return f"[sweep {done}/{total} done in {format_seconds(elapsed)}]"
+    estimate = sum(durations) / len(durations) * left / min(jobs, left) if durations else None
+    rest = f"about {format_seconds(estimate)} left" if estimate is not None else "estimate after the first point"
+    return f"[sweep {done}/{total} | {format_seconds(elapsed)} elapsed, {rest}]"
+
+
 def _run_points(sweep: Sweep, points: list[dict], parent, uri: str, out_dir: Path, jobs: int, kernel_name, echo,
                 executor=None, points_dir: Path | None = None):
     """run_sweep's work once the folder is locked; `parent` None: MLflow is unavailable, nothing is tracked."""
@@ -185,12 +198,15 @@ def _run_points(sweep: Sweep, points: list[dict], parent, uri: str, out_dir: Pat
          + (f"parent run {parent.run_id} in experiment {sweep.experiment!r} at {uri}" if parent else "not tracked"))
     results = {}
     by_key = {t["key"]: t for t in tasks}
+    t0 = time.perf_counter()
     try:
         for i, result in enumerate((executor or _execute)(tasks, jobs), 1):  # executor: executors.RayExecutor
             results[result["key"]] = result
             export_result(by_key[result["key"]], result, points_dir)
             note = f"  ({result['error']})" if result["error"] else ""
             echo(f"[{i}/{len(tasks)}] {result['key']}: {result['status']} in {result['duration_s']:.1f} s{note}")
+            durations = [r["duration_s"] for r in results.values()]
+            echo(progress_line(i, len(tasks), time.perf_counter() - t0, durations, jobs))
     except KeyboardInterrupt:
         if parent:
             parent.end("KILLED")
