@@ -22,7 +22,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   >>"$LOG" 2>&1 || say "wheel install failed"
 export PYTHONPATH="$PWD:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit --format=csv >>"$LOG" 2>&1
-python3 -c "import torch, triton, transformers; from hylo_lab.ops import dispatch as d; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'fla', d.kernel_available('fla'), d._import_error('fla'), 'mamba_ssm', d.kernel_available('mamba_ssm'), 'bwd refused:', d.fla_gated_backward_refused())" >>"$LOG" 2>&1
+python3 -c "import torch, triton, transformers; from hylo_lab.ops import dispatch as d; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'fla', d.kernel_available('fla'), d.import_error('fla'), 'mamba_ssm', d.kernel_available('mamba_ssm'), 'bwd refused:', d.fla_gated_backward_refused())" >>"$LOG" 2>&1
 say "setup done"
 
 if [ "${SKIP_KC:-0}" != 1 ]; then

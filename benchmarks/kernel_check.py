@@ -40,11 +40,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hylo_lab.ops import dispatch  # noqa: E402
-from hylo_lab.ops.gated_delta import chunked_gated_delta_rule, gated_delta_rule  # noqa: E402
-from hylo_lab.ops.ssd import chunked_ssd, ssd  # noqa: E402
+from hylo_lab.ops import dispatch
+from hylo_lab.ops.gated_delta import chunked_gated_delta_rule, gated_delta_rule
+from hylo_lab.ops.ssd import chunked_ssd, ssd
 
 TOL = {"float32": dict(fwd=2e-3, grad=5e-3), "bfloat16": dict(fwd=2e-2, grad=5e-2)}
 FULL = dict(check_T=1024, bench_T=32768, gdn=(6, 256, 512), ssd=(32, 64, 64), mla_T=2048, mla_past=6144,

@@ -39,12 +39,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hylo_lab import HyloConfig  # noqa: E402
-from hylo_lab.cache import cache_footprint  # noqa: E402
-from hylo_lab.inference import GraphDecoder, allocate_cache, chunked_prefill, decode_step  # noqa: E402
-from hylo_lab.model import HyloForCausalLM  # noqa: E402
+from hylo_lab import HyloConfig
+from hylo_lab.cache import cache_footprint
+from hylo_lab.inference import GraphDecoder, allocate_cache, chunked_prefill, decode_step
+from hylo_lab.model import HyloForCausalLM
 
 K = 1024
 HYBRIDS = ("llama3.2-1b/4MLA12GDN", "llama3.2-1b/4MLA12M2", "llama3.2-3b/6MLA22M2", "llama3.2-3b/14MLA14GDN")

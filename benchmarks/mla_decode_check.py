@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hylo_lab.ops import mla_decode as md  # noqa: E402
+from hylo_lab.ops import mla_decode as md
 
 K = 1024
 WIDTHS = [(128, 32), (128, 64), (256, 64), (512, 64)]

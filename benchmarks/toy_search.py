@@ -29,7 +29,6 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def set_world(toy, overrides: dict) -> dict:

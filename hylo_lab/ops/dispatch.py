@@ -36,7 +36,7 @@ class KernelUnavailableError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=None)
-def _import_error(pkg: str) -> str | None:
+def import_error(pkg: str) -> str | None:
     """None when every module of `pkg` imports, else the first error as text. Cached: tried once."""
     for module in KERNEL_MODULES[pkg]:
         try:
@@ -50,7 +50,7 @@ def kernel_available(pkg: str) -> bool:
     """Whether kernel package `pkg` ("fla" | "mamba_ssm") imports in this process (cached)."""
     if pkg not in KERNEL_MODULES:
         raise ValueError(f"unknown kernel package {pkg!r}; known: {', '.join(KERNEL_MODULES)}")
-    return _import_error(pkg) is None
+    return import_error(pkg) is None
 
 
 # The fla chunk kernel behind each trainable op, and the packages that make fla 0.6 run its backward on Hopper
@@ -177,7 +177,7 @@ def use_kernel(name: str, backend: str, *tensors) -> bool:
     if devices:
         problems.append(f"its kernels need CUDA tensors, got tensors on {', '.join(devices)}")
     if not kernel_available(name):
-        problems.append(f"it does not import ({_import_error(name)})")
+        problems.append(f"it does not import ({import_error(name)})")
     if problems:
         raise KernelUnavailableError(
             f"kernel_backend={backend!r} forces the {name!r} kernels, but " + "; and ".join(problems)
