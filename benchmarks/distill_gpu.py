@@ -84,7 +84,7 @@ class Bench:
                    device=torch.cuda.get_device_name() if self.cuda else "cpu", smoke=self.smoke,
                    packages={p: version(p) for p in ("triton", "flash-linear-attention", "fla-core", "tilelang",
                                                       "mamba-ssm", "liger-kernel")},
-                   tilelang_imports=dispatch._imports("tilelang"), fla=dispatch.kernel_available("fla"),
+                   tilelang_imports=dispatch.module_imports("tilelang"), fla=dispatch.kernel_available("fla"),
                    mamba_ssm=dispatch.kernel_available("mamba_ssm"), kernel_backend=self.args.kernel_backend,
                    checkpointing=not self.args.no_checkpointing, label=self.args.label,
                    started=time.strftime("%Y-%m-%d %H:%M:%S"))

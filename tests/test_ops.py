@@ -292,7 +292,7 @@ def _hopper_with_triton_3_6(monkeypatch, importable=()):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(dispatch, "_triton_version", lambda: (3, 6, 0))
-    monkeypatch.setattr(dispatch, "_imports", lambda module: module in importable)
+    monkeypatch.setattr(dispatch, "module_imports", lambda module: module in importable)
 
 
 def test_tilelang_fixes_the_gated_delta_backward_not_simple_gla(monkeypatch, fresh_dispatch):

@@ -72,7 +72,7 @@ def _triton_version() -> tuple | None:
         return None
 
 
-def _imports(module: str) -> bool:
+def module_imports(module: str) -> bool:
     try:
         importlib.import_module(module)
         return True
@@ -94,7 +94,7 @@ def fla_backward_refused(op: str) -> str | None:
     version = _triton_version()
     if version is None or not ((3, 4, 0) <= version < (3, 7, 1)):
         return None
-    if any(_imports(pkg) for pkg in BACKWARD_FIXED_BY[op]):
+    if any(module_imports(pkg) for pkg in BACKWARD_FIXED_BY[op]):
         return None
     fixed = " or ".join(BACKWARD_FIXED_BY[op]) or "no carried package"
     return f"fla's {op} chunk backward is refused on Hopper with triton {'.'.join(map(str, version))} ({fixed} fixes it)"
