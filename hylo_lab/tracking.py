@@ -243,8 +243,7 @@ class Tracker:
             return ""
         run = self._call("get_run", self.run_id)
         exp = run.info.experiment_id if run is not None else "0"
-        base = self.tracking_uri.rstrip("/") if self.tracking_uri.startswith("http") else LOCAL_UI
-        return f"{base}/#/experiments/{exp}/runs/{self.run_id}"
+        return f"{ui_base(self.tracking_uri)}/#/experiments/{exp}/runs/{self.run_id}{UI_QUERY}"
 
     def end(self, status: str = "FINISHED"):
         self._call("set_terminated", self.run_id, status)
@@ -262,8 +261,21 @@ class Tracker:
 
 
 LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
-# MLflow 3.17 opens an experiment in its GenAI view (traces) unless this tag says it holds model training runs.
+# Earlier MLflow 3 UIs chose an experiment's view (GenAI traces or model-training runs) from this tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow 3.17 ignores the tag: one browser-wide switch (GenAI by default, kept in the browser's local storage once
+# toggled in the sidebar) decides, and this query parameter overrides it for the page it opens.
+UI_QUERY = "?workflowType=machine_learning"
+
+
+def ui_base(tracking_uri: str) -> str:
+    """The UI's address: the tracking server itself, else the `mlflow ui` address for a local store."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith("http") else LOCAL_UI
+
+
+def experiment_url(experiment_id: str, tracking_uri: str) -> str:
+    """Where an experiment opens on its runs table (not MLflow 3.17's GenAI overview)."""
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}{UI_QUERY}"
 
 
 def ensure_experiment(client, name: str) -> str:

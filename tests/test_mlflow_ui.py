@@ -1,8 +1,9 @@
-"""The MLflow UI shows a sweep: run tests/data/tiny_sweep.yaml (two parallel jobs) into a sqlite store, serve it with
-`mlflow server` on 127.0.0.1, open the experiment's page as a user would (its plain address, no tab chosen) in
-headless Chromium, check that it opens on the runs table (MLflow 3.17 opens experiments not tagged as model
-development on a GenAI traces view), expand the parent run and find every point's child run by name. The screenshot is kept in tests/artifacts/mlflow_ui.png, and copied to
-ablations/results/mlflow_ui.png when HYLO_LAB_UI_SCREENSHOT=1."""
+"""The MLflow UI shows a sweep: run tests/data/tiny_sweep.yaml into a sqlite store, serve it with `mlflow server` on
+127.0.0.1, open the experiment at the address hylo_lab gives (tracking.experiment_url) in a fresh headless Chromium,
+check that it opens on the runs table and not on MLflow 3.17's GenAI overview (its default for a plain experiment
+address in a browser that never chose "Model training"), expand the parent run and find every point's child run by
+name. The screenshot is kept in tests/artifacts/mlflow_ui.png, and copied to ablations/results/mlflow_ui.png when
+HYLO_LAB_UI_SCREENSHOT=1."""
 import os
 import shutil
 import signal
@@ -48,12 +49,13 @@ def wait_for(url: str, timeout: float, server: subprocess.Popen, log: Path):
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """(base URL, tracking URI): the store is created here first so the server and the sweep never race to
-    create its tables; the server comes up (~20 s the first time) while the sweep runs."""
-    from hylo_lab.tracking import find_runs
+    """(base URL, tracking URI): the store's tables are created here first so the server and the sweep never race
+    to create them (find_runs does not create a missing database); the server comes up (~20 s the first time)
+    while the sweep runs."""
+    import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    find_runs("tiny_sweep", tracking_uri=uri)
+    mlflow.MlflowClient(uri).search_experiments()
     port, log = free_port(), tmp_path / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen(
@@ -90,17 +92,17 @@ def test_sweep_runs_are_visible_in_the_mlflow_ui(tmp_path, mlflow_server):
     from selenium.webdriver.support.ui import WebDriverWait
 
     from hylo_lab.sweep import run_sweep
-    from hylo_lab.tracking import find_runs
+    from hylo_lab.tracking import experiment_url, find_runs
 
     base, uri, server, log = mlflow_server
     summary = run_sweep(ROOT / "tests" / "data" / "tiny_sweep.yaml", jobs=1, tracking_uri=uri,
-                        out_dir=tmp_path / "notebooks", echo=lambda *a: None)
+                        out_dir=tmp_path / "notebooks", points_dir=tmp_path / "points", echo=lambda *a: None)
     assert summary.status.tolist() == ["FINISHED", "FINISHED", "FAILED"]
     experiment_id = find_runs("tiny_sweep", tracking_uri=uri)[0]["experiment_id"]
     import mlflow
 
     kind = mlflow.MlflowClient(uri).get_experiment(experiment_id).tags.get("mlflow.experimentKind")
-    assert kind == "custom_model_development", f"experiment kind {kind!r}: the UI would open on traces"
+    assert kind == "custom_model_development", f"experiment kind {kind!r}: earlier MLflow 3 UIs open it on traces"
     wait_for(f"{base}/health", 90, server, log)
 
     keep = ROOT / "tests" / "artifacts" / "mlflow_ui.png"
@@ -108,11 +110,17 @@ def test_sweep_runs_are_visible_in_the_mlflow_ui(tmp_path, mlflow_server):
     expected = {"tiny", *summary.point}
     driver = chrome()
     try:
-        driver.get(f"{base}/#/experiments/{experiment_id}")  # what the experiments list links to
-        body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
-        # the footer counts parent and children once every run is loaded: the runs table is what opened
-        WebDriverWait(driver, 60).until(lambda d: f"{len(expected)} matching runs" in body(d).replace("\n", " "))
-        assert "/traces" not in driver.current_url and "Detect issues" not in body(driver), driver.current_url
+        driver.get(experiment_url(experiment_id, base))
+        body = lambda d: d.find_element(By.TAG_NAME, "body").text.replace("\n", " ")  # noqa: E731
+        # the runs table's footer counts parent and children once every run is loaded
+        try:
+            WebDriverWait(driver, 60).until(lambda d: f"{len(expected)} matching runs" in body(d))
+        except TimeoutException:
+            driver.save_screenshot(str(keep))
+            pytest.fail(f"no runs table at {driver.current_url} (screenshot {keep}): {body(driver)[:600]}")
+        genai = [w for w in ("/overview", "/traces", "workflowType=genai") if w in driver.current_url]
+        genai += [w for w in ("Detect Issues", "Token Usage") if w in body(driver)]
+        assert "/runs" in driver.current_url and not genai, f"{driver.current_url} shows the GenAI view: {genai}"
         for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
             button.click()  # the assistant side panel, so the table gets the width
         name_cells = "[col-id='attributes.`Run Name`'] a"
