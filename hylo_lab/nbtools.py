@@ -32,9 +32,10 @@ def project_path(path) -> Path:
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
-    """`uri`, else $MLFLOW_TRACKING_URI, else sqlite <project root>/mlflow.db: the store `make mlflow-ui` serves,
-    wherever the kernel was started."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    """`uri`, else the one default store (tracking.default_tracking_uri)."""
+    from .tracking import default_tracking_uri
+
+    return uri or default_tracking_uri()
 
 
 def start_run(notebook: str, experiment: str, params: dict, *, run_id: str = "", parent_run_id: str = "",

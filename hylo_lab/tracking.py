@@ -304,8 +304,20 @@ def run_name(what: str, *parts, when: float | None = None) -> str:
 
 
 def default_tracking_uri() -> str:
-    """What Tracker uses when given no URI: $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """The one default MLflow store (Tracker, notebooks, sweep, compare, the CLI): $MLFLOW_TRACKING_URI, else
+    sqlite mlflow.db in the root of the hylo_lab checkout holding the working directory (what `make mlflow-ui`
+    serves, the same from notebooks/ as from the root), else in the working directory. Absolute."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_folder() / 'mlflow.db'}"
+
+
+def store_folder() -> Path:
+    """The working directory's nearest folder (itself or a parent) holding hylo_lab's pyproject.toml, else itself."""
+    cwd = Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and 'name = "hylo_lab"' in pyproject.read_text(errors="replace"):
+            return folder
+    return cwd
 
 
 def find_runs(experiment: str | None = None, filter_string: str = "", *, tracking_uri: str | None = None) -> list[dict]:

@@ -46,6 +46,23 @@ def test_tracking_uri_defaults_to_the_project_store(monkeypatch):
     assert nbtools.resolve_tracking_uri("file:///y") == "file:///y"
 
 
+def test_one_default_store_the_checkouts_root_from_any_of_its_folders(tmp_path, monkeypatch):
+    """Notebooks (kernel in notebooks/), the CLI and the library share one default: the checkout's mlflow.db from
+    any folder inside it; outside a checkout, the working directory's."""
+    from hylo_lab.tracking import default_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    checkout, elsewhere = tmp_path / "checkout", tmp_path / "elsewhere"
+    (checkout / "notebooks").mkdir(parents=True)
+    elsewhere.mkdir()
+    (checkout / "pyproject.toml").write_text('[project]\nname = "hylo_lab"\n')
+    for folder in (checkout, checkout / "notebooks"):
+        monkeypatch.chdir(folder)
+        assert default_tracking_uri() == nbtools.resolve_tracking_uri("") == f"sqlite:///{checkout / 'mlflow.db'}"
+    monkeypatch.chdir(elsewhere)
+    assert nbtools.resolve_tracking_uri("") == f"sqlite:///{elsewhere / 'mlflow.db'}"
+
+
 def test_spectra_kept_energy_and_layer_kl_of_a_conversion(tmp_path):
     from hylo_lab.upcycle import upcycle
 

@@ -30,7 +30,7 @@ class DemoSettings:
     run_id: str = ""  # MLflow run to log into (set by hylo-lab sweep); "" = a new run
     parent_run_id: str = ""  # the sweep's parent run
     experiment: str = "quickstart"  # MLflow experiment
-    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite ./mlflow.db
+    tracking_uri: str = ""  # "" = tracking.default_tracking_uri()
     seed: int = 0  # the student's init, data order and evaluation samples (the recipe's seed)
     world_seed: int = 0  # the toy world and its teacher ladder (trained once, cached, shared by every `seed`)
     quick: bool = False  # the quick recipe (tiny teachers, few steps): every step in about a minute (CI)
