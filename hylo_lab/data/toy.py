@@ -3,7 +3,7 @@
 No checkpoint can be downloaded here, so the project trains its own teachers (issue 6):
 - corpus: `toy_corpus.toy_corpus`, a templated English-like corpus over a fixed world of facts;
 - tokenizer: byte-level BPE (1024 tokens, digits split one by one, the 256 bytes in the alphabet so nothing
-  is ever <unk>), trained on the corpus plus the raw text of NIAH samples from `tasks.py` (see
+  is ever <unk>), trained on the corpus plus the raw text of NIAH samples from `data/tasks/` (see
   `train_tokenizer` for the two-pass build);
 - teachers: `TEACHERS`, Llama models at three sizes and one Qwen3, trained from scratch on packed corpus text
   mixed with samples of the needle tasks `TEACHER_NIAH_TASKS` and copy rows, at up to `TOY_TRAIN_LEN` tokens

@@ -75,6 +75,10 @@ from .text import (ANSWER_PREFIX, CWE_INTRO, CWE_QUESTION, CWE_WORDS, DEPTH_TASK
                    RULER_TASKS, VT_INTRO, LengthTooShortError, Sample, SuiteSamples, essay_block, random_string,
                    synthetic_words, tok_state)
 
+__all__ = ["DEPTH_TASKS", "NIAH_TASKS", "QA_TASKS", "RULER_TASKS", "LengthTooShortError", "Sample", "SuiteSamples",
+           "generate_sample", "generate_suite", "load_qa_records", "load_samples", "min_length",
+           "needle_retrieval_sample", "oracle_answer", "save_samples", "score_sample", "tokenizer_corpus"]
+
 def _check_task(task) -> None:
     if task not in RULER_TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(RULER_TASKS)}")
