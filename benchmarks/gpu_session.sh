@@ -3,7 +3,7 @@
 # results written as they land and packed into $OUT/results.tar.gz (the device tool returns at most 8 files).
 #
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590)
-# Environment: TOTAL_S (wall budget, default 570), STEPS (space-separated subset of: tests decode long kernels distill; default all), LABEL (a note
+# Environment: TOTAL_S (wall budget, default 570), WHEEL_DIR (carried wheels, default .whl), STEPS (space-separated subset of: tests decode long kernels distill; default all), LABEL (a note
 #   on the software stack), Z3=1 (tilelang's z3 from .whl_z3 is carried too: sets LD_LIBRARY_PATH).
 set -u
 START=$(date +%s)
@@ -15,7 +15,7 @@ say() { echo "[gpu_session +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 pack() { tar -czf "$OUT/results.tar.gz" -C "$OUT" results; }
 trap pack EXIT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-WHEELS=$(ls .whl/*.whl 2>/dev/null; [ "${Z3:-0}" = 1 ] && ls .whl_z3/*.whl 2>/dev/null)
+WHEELS=$(ls ${WHEEL_DIR:-.whl}/*.whl 2>/dev/null; [ "${Z3:-0}" = 1 ] && ls .whl_z3/*.whl 2>/dev/null)
 [ -n "$WHEELS" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site $WHEELS >>"$LOG" 2>&1 || say "wheel install failed or no wheels"
 export PYTHONPATH="$PWD:/tmp/site"
