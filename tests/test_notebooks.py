@@ -10,12 +10,14 @@ papermill subprocesses, one torch thread each): 02_distill -> 03_long_context_ev
 01_upcycle as the single point of a sweep -> 05_compare_runs on that sweep -> 04_efficiency.
 """
 import ast
+import json
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import nbformat
 import pytest
 import yaml
 
@@ -122,7 +124,8 @@ def lane_distill(lab):
 
 def lane_sweep(lab):
     sweep_upcycle(lab)
-    papermill(lab, "05_compare_runs", sweep="nb_upcycle", out_dir=str(lab["root"] / "compare"))
+    papermill(lab, "05_compare_runs", sweep="nb_upcycle", out_dir=str(lab["root"] / "compare"),
+              paired="linear=gdn | linear=gdn")
     papermill(lab, "04_efficiency", models="toy:llama-s", hybrid_mla_layers="1", lengths="32,64", decode_tokens=2,
               prefill_chunk=32)
 
@@ -191,7 +194,12 @@ def test_notebooks_run_under_papermill_and_log_to_mlflow(lab, subtests):
         (run,) = find_runs("compare", "", tracking_uri=lab["uri"])
         assert run["params"]["sweep"] == "nb_upcycle"
         assert run["metrics"]["compare/points"] == 1 and run["metrics"]["compare/finished"] == 1
-        assert {p.name for p in (lab["root"] / "compare").iterdir()} == {"init_kl.png", "runs.csv"}
+        assert {p.name for p in (lab["root"] / "compare").iterdir()} == {"init_kl.png", "runs.csv", "aggregates.csv",
+                                                                          "paired.csv"}
+        shown = json.dumps(nbformat.read(lab["root"] / "05_compare_runs.ipynb", as_version=4).cells)
+        for text in ("mean over seeds [95% CI] n", "linear=gdn - linear=gdn, init/kl/hybrid: 0 n=1", "<th>high</th>",
+                     "<th>seeds</th>"):
+            assert text in shown, f"the executed 05_compare_runs does not show {text!r}"
 
     with subtests.test("02_distill's model was the one 03_long_context_eval evaluated"):
         (distill,) = find_runs("distill", "", tracking_uri=lab["uri"])
