@@ -114,6 +114,19 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys):
     assert not (tmp_path / "m.db").exists()
 
 
+def test_dry_run_names_a_typo_in_a_dotted_recipe_key(tmp_path, capsys):
+    """The quickstart's recipe checker runs on every point's overrides before anything runs (no weights)."""
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(dict(name="typo", notebook=str(ROOT / "notebooks" / "00_quickstart.ipynb"),
+                                        experiment="t", fixed={"quick": True},
+                                        grid={"stages.kd-long.stepz": [10], "stages.kd-long.steps": [5, 6]})))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sweep", str(path), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "stepz" in err and "did you mean 'steps'" in err
+    assert not (tmp_path / "m.db").exists()
+
+
 def test_cli_reports_a_bad_sweep_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["sweep", str(write_sweep(tmp_path, grid={})), "--dry-run"])

@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from .runs import child_runs, display_path, export_as_run, find_parent, runs_frame
-from .spec import Sweep, SweepError, load_sweep, params_hash, point_key
+from .spec import Sweep, SweepError, check_recipe_fields, load_sweep, params_hash, point_key
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -119,6 +119,7 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
         raise SweepError(f"--jobs {jobs!r}: give a positive number of parallel points")
     sweep = load_sweep(path, seeds=seeds)
     points = sweep.select(only)
+    check_recipe_fields(sweep, points)
     points_dir = Path(points_dir or sweep.points_dir).resolve()
     uri = tracking_uri or default_tracking_uri()
     out_dir = Path(out_dir or Path("runs") / "sweeps" / sweep.name).resolve()

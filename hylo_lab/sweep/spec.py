@@ -342,6 +342,26 @@ def load_sweep(path, *, declared: dict[str, Param] | None = None, seeds: list[in
     return sweep
 
 
+def check_recipe_fields(sweep: Sweep, points: list[dict]) -> None:
+    """Each point's recipe fields checked as its notebook checks them, before anything runs: a notebook declaring
+    `overrides` is the quickstart's kind (`DemoSettings`: recipes/demo.yaml, the overrides applied, the recipe
+    checker run; no weights load), so a typo in a dotted key is named with its point. SweepError lists them."""
+    if OVERRIDES not in sweep.declared:
+        return
+    from ..demo.settings import DemoSettings
+
+    fields = DemoSettings.__dataclass_fields__
+    problems = []
+    for point in points:
+        try:
+            DemoSettings(**{k: v for k, v in sweep.parameters(point).items() if k in fields})
+        except UserError as exc:
+            problems.append(f"{point_key(point)}: {exc}")
+    if problems:
+        raise SweepError(f"{sweep.path}: {len(problems)} point{'s' if len(problems) > 1 else ''} the notebook would "
+                         f"refuse:\n  - " + "\n  - ".join(problems))
+
+
 def _yaml_problem(exc) -> str:
     """A YAML parse error in one line: "line 2, column 7: expected ',' or ']', but got ':'"."""
     mark = getattr(exc, "problem_mark", None)
