@@ -4,11 +4,11 @@
     python benchmarks/toy_search.py --report DIR/search.json [...] > table.md
 
 VARIANTS.json is a list of {"name": ..., "teacher": {...}, "demo": {...}, "recipe": {...}}: "teacher" overrides
-`toy.TEACHER_TRAINING[base]` (any `train_teacher` keyword, e.g. steps, lr), "demo" sets `DemoSettings` (e.g.
-eval_samples) and "recipe" fields of recipes/demo.yaml as dotted keys ({"data.synthetic.fraction": 0.6});
-optional: "base" (the teacher to train, default the
-demo's llama-s), "world" (toy-world constants of hylo_lab.data.toy, e.g. {"DIGIT_GROUP": 2}) and
-"teacher_only" ({"samples": N, "lengths": [...]}: train and evaluate the teacher alone, no hybrid; `teacher_only`
+the teachers' training settings (the recipe field toy_world.training: any `train_teacher` keyword, e.g. steps,
+lr, copy_len), "demo" sets `DemoSettings` (e.g. eval_samples) and "recipe" fields of recipes/demo.yaml as dotted
+keys ({"data.synthetic.fraction": 0.6}); optional: "base" (the teacher to train, default the demo's llama-s),
+"world" (toy_world recipe fields, e.g. {"digit_group": 2}; the old constant names such as DIGIT_GROUP are read
+too) and "teacher_only" ({"samples": N, "lengths": [...]}: train and evaluate the teacher alone, no hybrid; `teacher_only`
 below). Each variant runs in its own process:
 teacher (cached under DIR/world by its settings, so variants that share a teacher train it once per process
 that gets there first) -> the demo's functions (distill, evaluate, summarize; no notebook) -> DIR/<name>/.
@@ -30,16 +30,26 @@ import traceback
 from pathlib import Path
 
 
+WORLD_KEYS = ("digit_group",)
 
-def set_world(toy, overrides: dict) -> dict:
-    """Set toy-world constants of hylo_lab.data.toy (e.g. {"DIGIT_GROUP": 2}); returns their previous values."""
-    previous = {}
-    for key, value in overrides.items():
-        if not hasattr(toy, key):
-            raise ValueError(f"hylo_lab.data.toy has no {key}")
-        previous[key] = getattr(toy, key)
-        setattr(toy, key, value)
-    return previous
+
+def world_fields(variant: dict) -> dict:
+    """The variant's "world" as toy_world recipe fields ({"DIGIT_GROUP": 2} -> {"digit_group": 2})."""
+    out = {str(k).lower(): v for k, v in variant.get("world", {}).items()}
+    unknown = sorted(set(out) - set(WORLD_KEYS))
+    if unknown:
+        raise ValueError(f"variant {variant.get('name')!r}: unknown world keys {unknown}; known: {WORLD_KEYS}")
+    return out
+
+
+def recipe_overrides(variant: dict) -> dict:
+    """The variant as dotted recipe keys: base, teacher training (float32), world fields, its "recipe" keys."""
+    base = variant.get("base", "llama-s")
+    recipe = {"base": f"toy:{base}", "toy_world.training": dict(bf16=False, **variant.get("teacher", {})),
+              **{f"toy_world.{k}": v for k, v in world_fields(variant).items()}, **variant.get("recipe", {})}
+    if "teacher_only" in variant:  # no stage-2 teacher to train
+        recipe["teacher"] = f"toy:{base}"
+    return recipe
 
 
 def run_variant(variant: dict, out: str) -> dict:
@@ -47,7 +57,7 @@ def run_variant(variant: dict, out: str) -> dict:
 
     torch.set_num_threads(2)
     from hylo_lab import demo
-    from hylo_lab.data import toy
+    from hylo_lab.distill.stages import format_overrides
 
     name = variant["name"]
     folder = Path(out) / name
@@ -55,16 +65,8 @@ def run_variant(variant: dict, out: str) -> dict:
     os.environ["HYLO_LAB_HOME"] = str(Path(out) / "world")
     sys.stderr = open(folder / "log.txt", "w", buffering=1)
     t0 = time.perf_counter()
-    set_world(toy, variant.get("world", {}))
-    base = variant.get("base", "llama-s")
-    toy.TEACHER_TRAINING[base] = dict(toy.TEACHER_TRAINING[base], bf16=False, **variant.get("teacher", {}))
-    recipe = {"base": f"toy:{base}", **variant.get("recipe", {})}
-    if "teacher_only" in variant:  # no stage-2 teacher to train
-        recipe["teacher"] = f"toy:{base}"
-    from hylo_lab.distill.stages import format_overrides
-
     settings = demo.DemoSettings(**dict(variant.get("demo", {}), out_dir=str(folder), experiment=name,
-                                        overrides=format_overrides(recipe),
+                                        overrides=format_overrides(recipe_overrides(variant)),
                                         tracking_uri=f"sqlite:///{folder.resolve()}/mlflow.db"))
     tracker = demo.start(settings)
     world = demo.prepare_world(settings, tracker)
@@ -72,7 +74,7 @@ def run_variant(variant: dict, out: str) -> dict:
     report = demo.teacher_check(settings, world, tracker)
     if "teacher_only" in variant:
         return dict(variant=variant, seconds=dict(teacher=t_teacher), teacher_check=report,
-                    teacher_only=teacher_only(world, folder, report, **variant["teacher_only"]))
+                    teacher_only=teacher_only(settings, world, folder, report, **variant["teacher_only"]))
     recipe = demo.build_recipe(settings, world)
     recipe["train"].update(precision="fp32", teacher_dtype="float32")
     hybrid_dir = demo.distill(settings, recipe, tracker)
@@ -86,7 +88,7 @@ def run_variant(variant: dict, out: str) -> dict:
         niah=results[["model", "length", "niah"] + tasks].round(3).to_dict("records"))
 
 
-def teacher_only(world, folder: Path, check: dict, samples: int = 128, lengths=(256, 512)) -> dict:
+def teacher_only(settings, world, folder: Path, check: dict, samples: int = 128, lengths=(256, 512)) -> dict:
     """The base teacher alone on the demo's evaluation path (run_ruler, seeds 1000+) with `samples` samples per
     task and length, its failures at the shortest length, and the held-out perplexity vs unigram of `check`
     (demo.teacher_check)."""
@@ -95,7 +97,7 @@ def teacher_only(world, folder: Path, check: dict, samples: int = 128, lengths=(
     from hylo_lab import demo
     from hylo_lab.eval.ruler import run_ruler
 
-    tok, model = world.tokenizer(), world.teacher(demo.BASE).to("cuda" if torch.cuda.is_available() else "cpu")
+    tok, model = world.tokenizer(), world.teacher(settings.base).to("cuda" if torch.cuda.is_available() else "cpu")
     res = run_ruler(model, tok, list(lengths), tasks=demo.NIAH_TASKS, num_samples=samples, seed=1000,
                     batch_size=64, out_dir=folder / "niah")
     niah = {f"{r.length}/{r.task}": r.score for r in res["table"].itertuples()}
@@ -179,10 +181,8 @@ def main(argv=None) -> None:
     os.environ["HYLO_LAB_HOME"] = str(out / "world")
     from hylo_lab.data import toy
 
-    for world in {json.dumps(v.get("world", {}), sort_keys=True) for v in variants}:
-        previous = set_world(toy, json.loads(world))
-        toy.get_toy_world(teachers=(), progress=False)
-        set_world(toy, previous)
+    for world in {json.dumps(world_fields(v), sort_keys=True) for v in variants}:
+        toy.get_toy_world(teachers=(), progress=False, **json.loads(world))
     done: dict[str, dict] = {}
 
     def save():  # after every finished variant, so a killed search keeps what finished

@@ -55,3 +55,26 @@ def test_digit_groups_split_numbers_from_the_left_and_copy_rows_use_every_digit_
 def test_digit_group_must_be_1_or_2():
     with pytest.raises(ValueError, match="digit_group"):
         train_tokenizer(toy_corpus(5, seed=5), vocab_size=300, digit_group=3)
+
+
+def test_copy_digits_sets_the_share_of_digits_in_the_repeated_segment(tokenizer):
+    ids = torch.tensor(tokenizer.encode(" ".join(toy_corpus(40, seed=1))))
+    b = TeacherBatches(tokenizer, ids, seq_len=160, niah_fraction=0.5, answer_weight=3.0, seed=0,
+                       niah_tasks=("niah_single_1",), copy_digits=1.0)
+    inputs, targets, weights = b.copy_batch(4, 40)
+    digits = set(b.digit_ids.tolist())
+    assert all(t in digits for t in targets[weights > 0].tolist())
+
+
+def test_toy_world_settings_are_arguments_not_module_globals(tmp_path, monkeypatch):
+    """Teacher training and digit_group key their own cache folders; the defaults keep today's keys."""
+    from hylo_lab.data import toy
+
+    monkeypatch.setattr(toy, "_build", lambda final, build_fn, progress: None)
+    world = lambda **kw: toy.get_toy_world(tmp_path, teachers=("llama-s",), progress=False, **kw)  # noqa: E731
+    plain, same, steps = world(), world(training={"steps": 1500}), world(training={"steps": 3})
+    pairs = world(digit_group=2)
+    assert plain.teacher_dirs == same.teacher_dirs
+    assert steps.root == plain.root and steps.teacher_dirs["llama-s"] != plain.teacher_dirs["llama-s"]
+    assert pairs.root != plain.root
+    assert toy.TEACHER_TRAINING["llama-s"]["steps"] == 1500 and toy.DIGIT_GROUP == 1

@@ -174,7 +174,8 @@ class TeacherBatches:
     """
 
     def __init__(self, tokenizer, corpus_ids: torch.Tensor, *, seq_len: int, niah_fraction: float,
-                 answer_weight: float, seed: int, min_len: int = 64, prompt_weight: float = 1.0, niah_tasks=None):
+                 answer_weight: float, seed: int, min_len: int = 64, prompt_weight: float = 1.0, niah_tasks=None,
+                 copy_digits: float = COPY_DIGITS):
         from . import tasks
 
         self.tasks, self.tokenizer, self.ids = tasks, tokenizer, corpus_ids
@@ -184,6 +185,7 @@ class TeacherBatches:
         self.seq_len = seq_len
         self.min_len = min(max(min_len, min(self.task_min.values())), seq_len)
         self.niah_fraction, self.answer_weight, self.prompt_weight = niah_fraction, answer_weight, prompt_weight
+        self.copy_digits = copy_digits
         self.rng = random.Random(f"teacher-batches-{seed}")
         self.gen = torch.Generator().manual_seed(seed)
         self.vocab_size = len(tokenizer)
@@ -193,7 +195,7 @@ class TeacherBatches:
         self.sample_seed = 10_000_000 * (seed + 1)  # far from the evaluation seeds (0, 1, ...)
 
     def copy_batch(self, batch_size: int, length: int):
-        """Rows of `length` random tokens in which a segment (6-14 tokens, about half of them digits) appears
+        """Rows of `length` random tokens in which a segment (6-14 tokens, `copy_digits` of them digits) appears
         twice, after a random prefix (0-6 tokens) and with a random gap (0-8 tokens); only the repeat is scored.
         The offsets vary, so only content matching (an induction head) predicts the repeat, the skill every needle
         task needs: on NIAH and corpus rows alone a 4-layer teacher had not learned it after 1000+ steps."""
@@ -203,7 +205,7 @@ class TeacherBatches:
         for i in range(batch_size):
             k, u, v = rng.randint(6, 14), rng.randint(0, 6), rng.randint(0, 8)
             seg = rows[i, u:u + k]
-            digits = torch.rand(k, generator=g) < COPY_DIGITS
+            digits = torch.rand(k, generator=g) < self.copy_digits
             seg[digits] = self.digit_ids[torch.randint(0, len(self.digit_ids), (int(digits.sum()),), generator=g)]
             s0 = u + k + v
             n = min(k, length + 1 - s0)
@@ -257,13 +259,14 @@ def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = 
                   lr: float | None = None, warmup: float = 0.05, weight_decay: float | None = None, clip: float = 1.0,
                   niah_fraction: float | None = None, answer_weight: float | None = None, prompt_weight: float = 1.0,
                   min_len: int = 64, niah_tasks=None, copy_steps: int | None = None, copy_rows: int | None = None,
-                  seed: int = 0, device: str = "auto", bf16: bool | None = None, callback=None, progress: bool = True):
+                  copy_len: int = COPY_LEN, copy_digits: float = COPY_DIGITS, seed: int = 0, device: str = "auto",
+                  bf16: bool | None = None, callback=None, progress: bool = True):
     """Train teacher `name` from scratch: AdamW, cosine schedule with linear warmup, grad clipping.
 
     Data: `TeacherBatches` (packed corpus + NIAH rows). Loss: next-token cross entropy, answer tokens
     up-weighted; bf16 autocast on CUDA by default. Copy rows (`TeacherBatches.copy_batch`): every step adds the
-    loss of `copy_rows` rows of `COPY_LEN` tokens in which a segment repeats (in-context copying, which needle
-    retrieval needs); the first `copy_steps` steps (0 by default) train on `COPY_WARMUP` copy rows only.
+    loss of `copy_rows` rows of `copy_len` tokens in which a segment repeats (in-context copying, which needle
+    retrieval needs; `copy_digits` of the segment are digits); the first `copy_steps` steps (0 by default) train on `COPY_WARMUP` copy rows only.
     Settings left None come from `TEACHER_TRAINING[name]` (`QUICK_TRAINING` with quick=True).
     Without `tokenizer` / `train_texts` the toy world's (built if needed, no teachers) are used.
     Returns the model in eval mode on CPU; `model.train_log` holds the loss per step, tokens and seconds.
@@ -292,7 +295,7 @@ def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = 
     corpus_ids = torch.tensor([t for doc in train_texts for t in tokenizer.encode(doc) + [eos]])
     batches = TeacherBatches(tokenizer, corpus_ids, seq_len=seq_len, niah_fraction=niah_fraction,
                              answer_weight=answer_weight, prompt_weight=prompt_weight, min_len=min_len,
-                             niah_tasks=niah_tasks, seed=seed)
+                             niah_tasks=niah_tasks, seed=seed, copy_digits=copy_digits)
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -314,7 +317,7 @@ def train_teacher(name: str, *, tokenizer=None, train_texts: list[str] | None = 
         warm = step < copy_steps
         parts = [batches.copy_batch(*COPY_WARMUP) if warm else batches(batch_size)]
         if not warm and copy_rows:
-            parts.append(batches.copy_batch(copy_rows, COPY_LEN))
+            parts.append(batches.copy_batch(copy_rows, copy_len))
         loss = 0.0
         for inputs, targets, weights in parts:
             inputs, targets, weights = inputs.to(device), targets.to(device), weights.to(device)
@@ -418,14 +421,15 @@ def first_build_warning(name: str, quick: bool, root: Path) -> str:
 
 
 def get_toy_world(root: str | Path | None = None, *, teachers=("llama-s",), quick: bool = False, seed: int = 0,
-                  progress: bool = True) -> ToyWorld:
+                  progress: bool = True, training: dict | None = None, digit_group: int = DIGIT_GROUP) -> ToyWorld:
     """Build (or reuse) corpus, tokenizer and the requested teachers under `root` (default `$HYLO_LAB_HOME` or
-    ~/.cache/hylo_lab) in `toy-world-<hash>/`, the hash covering the version, seed, quick and data sources.
-    Teachers live in `teachers/<name>-<hash of config and training settings>/`. quick=True: small corpus
-    and tiny teachers for CI, same code path."""
+    ~/.cache/hylo_lab) in `toy-world-<hash>/`, the hash covering the version, seed, quick, digit_group and data
+    sources. Teachers live in `teachers/<name>-<hash of config and training settings>/`; `training` overrides
+    every teacher's settings (`train_teacher` keywords over `TEACHER_TRAINING[name]`, e.g. {"steps": 1000}).
+    quick=True: small corpus and tiny teachers for CI, same code path."""
     mode = "quick" if quick else "full"
     world_settings = dict(version=TOY_WORLD_VERSION, seed=seed, quick=quick, docs=CORPUS_DOCS[mode],
-                          vocab_size=1024, digit_group=DIGIT_GROUP,
+                          vocab_size=1024, digit_group=digit_group,
                           sources=_source_hash("toy_corpus", "tasks"))
     root = Path(root) if root is not None else default_root()
     wdir = root / f"toy-world-{mode}-{_key(world_settings)}"
@@ -438,18 +442,18 @@ def get_toy_world(root: str | Path | None = None, *, teachers=("llama-s",), quic
         train = toy_corpus(num_train, seed=seed)
         write_corpus(tmp / "corpus_train.txt", train)
         write_corpus(tmp / "corpus_heldout.txt", toy_corpus(num_heldout, seed=heldout_seed(seed)))
-        tokenizer = train_tokenizer(train, 1024, digit_group=DIGIT_GROUP)
+        tokenizer = train_tokenizer(train, 1024, digit_group=digit_group)
         tokenizer.save_pretrained(tmp / "tokenizer")
         return dict(world_settings, seconds=time.perf_counter() - t0)
 
     _build(wdir, build_world, progress)
     for name in teachers:
         config = teacher_config(name, quick=quick).to_dict()
-        training = QUICK_TRAINING if quick else TEACHER_TRAINING[name]
-        tdir = wdir / "teachers" / f"{name}-{_key(dict(config=config, training=training, seed=seed))}"
+        settings = dict(QUICK_TRAINING if quick else TEACHER_TRAINING[name], **(training or {}))
+        tdir = wdir / "teachers" / f"{name}-{_key(dict(config=config, training=settings, seed=seed))}"
         world.teacher_dirs[name] = tdir
 
-        def build_teacher(tmp: Path, name=name, training=training) -> dict:
+        def build_teacher(tmp: Path, name=name, training=settings) -> dict:
             tokenizer = world.tokenizer()
             model = train_teacher(name, tokenizer=tokenizer, train_texts=read_corpus(world.corpus_train),
                                   quick=quick, seed=seed, progress=progress, **training)

@@ -79,7 +79,9 @@ def prepare_world(settings: DemoSettings, tracker=None):
     names = settings.teachers
     t0 = time.perf_counter()
     log(f"toy world with teachers {', '.join(names)} (cached after the first build)")
-    world = get_toy_world(teachers=names, quick=settings.recipe["toy_world"]["quick"], seed=settings.world_seed)
+    spec = settings.recipe["toy_world"]
+    world = get_toy_world(teachers=names, quick=spec["quick"], seed=settings.world_seed,
+                          training=spec.get("training"), digit_group=spec.get("digit_group", 1))
     seconds = time.perf_counter() - t0
     log(f"toy world ready in {seconds:.0f} s at {world.root}")
     if tracker is not None:

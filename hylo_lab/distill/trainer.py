@@ -188,7 +188,8 @@ class Distiller:
                                         if isinstance(n, str) and n.startswith("toy:")))
             self.log(f"toy world (teachers {', '.join(names) or 'none'}): building or reusing the cache")
             self.world = get_toy_world(r.toy_world.root, teachers=names, quick=r.toy_world.quick,
-                                       seed=r.toy_world.seed, progress=t.progress and self.main)
+                                       seed=r.toy_world.seed, progress=t.progress and self.main,
+                                       training=r.toy_world.training, digit_group=r.toy_world.digit_group)
         self.base_path = self.resolve(r.base)
         self.teacher_path = self.resolve(r.teacher_name)
         from transformers import AutoTokenizer
