@@ -10,18 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from .base_checkpoint import UpcycleError, load_base_model
+from .distill.losses import kl_div
 
 
 def kl_to_teacher(student_logits, teacher_logprobs, mask=None) -> float:
-    """Mean over tokens of KL(teacher || student) from student logits and teacher log-probs [B, T, V]."""
-    dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logprobs.dtype) else torch.float32
-    s = F.log_softmax(student_logits.to(dtype), -1)
-    t = teacher_logprobs.to(dtype)
-    kl = (t.exp() * (t - s)).sum(-1)
-    if mask is None:
-        return kl.mean().item()
-    m = mask.to(kl.dtype)
-    return (kl * m).sum().item() / m.sum().clamp_min(1).item()
+    """Mean over tokens (where mask [B, T] is nonzero) of KL(teacher || student) from student logits and teacher
+    log-probs [B, T, V]: losses.kl_div (log-probs are their own log_softmax)."""
+    return kl_div(student_logits, teacher_logprobs, mask=mask).item()
 
 
 @torch.no_grad()
