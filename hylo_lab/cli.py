@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 
+TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI, else mlflow.db at the root of this checkout)"
+
 
 def cmd_smoke(args):
     """Build a tiny hybrid with all four block types, prefill, decode and check it against a full forward."""
@@ -269,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="", help="name of this model in metric names, e.g. teacher")
     p.add_argument("--experiment", default="eval", help="MLflow experiment")
     p.add_argument("--run-name", help="MLflow run name")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_eval)
 
@@ -297,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only points with this parameter value (repeat: same key = any of, keys = all of)")
     p.add_argument("--out-dir", help="executed notebooks go here (default runs/sweeps/NAME/)")
     p.add_argument("--seeds", metavar="0,1,2", help="these seeds instead of the YAML's `seeds`")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: papermill processes here (default); ray: one Ray task per point (pip install "
                         "'hylo_lab[ray]')")
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="a sweep's runs as a table and its plots, saved and logged to MLflow")
     p.add_argument("sweep", help="ablations/NAME.yaml or a sweep name already in MLflow")
     p.add_argument("--out-dir", help="figures and runs.csv go here (default ablations/results/NAME/)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--paired", nargs=2, action="append", metavar=("A", "B"),
                    help='point A vs point B, seeds paired: mean difference A - B and its 95%% CI per metric, e.g. '
                         '--paired "layout=2MLA2GDN;linear=gdn" "layout=3MLA1GDN;linear=gdn" (repeatable)')
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "of hylo_lab.mixers.MIXERS)")
     p.add_argument("--out", help="output folder (default runs/demo, runs/demo-quick with --quick)")
     p.add_argument("--experiment", default="quickstart", help="MLflow experiment (default quickstart)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite ./mlflow.db)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.set_defaults(func=cmd_demo)
 
     return parser
