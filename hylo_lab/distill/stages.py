@@ -147,7 +147,7 @@ class StageSpec:
 class TrackingSpec:
     enabled: bool = True
     experiment: str = "hylo_lab-distill"
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    tracking_uri: str | None = None  # None: tracking.default_tracking_uri()
     run_name: str | None = None  # None: the recipe's name
     log_model_max_mb: float = 200.0  # the final model's files become artifacts when smaller; else only its path
 
