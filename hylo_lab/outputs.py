@@ -24,7 +24,7 @@ def check_writable(path, what: str = "output folder") -> Path:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"{what} {path}: {probe} is not a folder; choose another path")
+        raise UserError(f"{what} {path} cannot be created: {probe} is not a folder; choose another path")
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass

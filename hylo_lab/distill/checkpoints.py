@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,21 +39,6 @@ def write_atomic(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def check_writable(out: Path):
-    """output_dir is (or can become) a folder this process can write in; nothing is created."""
-    probe = out.absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise RecipeError(f"output_dir {str(out)!r} cannot be created: {str(probe)!r} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        raise RecipeError(f"output_dir {str(out)!r}: cannot write in {str(probe)!r} ({exc.strerror or exc}); "
-                          f"choose a writable folder") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

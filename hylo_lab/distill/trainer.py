@@ -43,8 +43,9 @@ from torch import nn
 
 from ..data.packing import PackedStream
 from ..errors import UserError
+from ..outputs import check_writable
 from ..schedule import warmup_cosine
-from .checkpoints import (check_writable, latest_checkpoint, list_checkpoints, lock_holder, record_recipe,
+from .checkpoints import (latest_checkpoint, list_checkpoints, lock_holder, record_recipe,
                           refuse_locked, restore, run_lock, save_checkpoint, save_model, save_student, write_atomic)
 from .distributed import make_accelerator
 from .evaluation import best_so_far, diverged_at_end, heldout_metrics, is_diverging, kl_name, train_metrics
@@ -170,7 +171,7 @@ class Distiller:
                  f"({self.accelerator.distributed_type}), {'bf16 autocast' if self.bf16 else 'float32'}, "
                  f"teacher in {teacher_dtype}")
 
-        check_writable(self.out)
+        check_writable(self.out, "output_dir")
         if self.out.exists() and any(self.out.iterdir()) and not self.resume:
             raise RecipeError(f"output_dir {str(self.out)!r} already holds a run: pass --resume to continue it, or "
                               f"choose another output_dir")
