@@ -80,6 +80,21 @@ def test_resume_refuses_a_changed_recipe_and_never_rewrites_the_recorded_one(wor
     assert run_recipe(changed, resume=True)["final_model"] is not None
 
 
+def test_resume_takes_a_field_the_old_record_lacks_at_its_default_as_no_change(world, tmp_path):
+    out = tmp_path / "out"
+    raw = recipe(world, out, ild_steps=1, kd_steps=2)
+    run_recipe(raw, max_steps=3)
+    old = yaml.safe_load((out / "recipe.yaml").read_text())
+    del old["toy_world"]["digit_group"], old["toy_world"]["training"]  # a run recorded before these fields existed
+    (out / "recipe.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    changed = json.loads(json.dumps(raw))
+    changed.setdefault("toy_world", {})["digit_group"] = 2
+    with pytest.raises(RecipeError) as info:
+        run_recipe(changed, resume=True)  # missing in the record and not the default: a change
+    assert "toy_world.digit_group: '<absent>' -> 2" in str(info.value) and "toy_world.training" not in str(info.value)
+    assert run_recipe(raw, resume=True)["final_model"] is not None
+
+
 def test_a_run_folder_is_locked_while_a_process_trains_in_it(world, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     raw = recipe(world, out, ild_steps=1, kd_steps=1)

@@ -14,17 +14,19 @@ step-NNNNNNNN.unreadable and the one before it tried.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import shutil
 import socket
 import time
+import typing
 from pathlib import Path
 
 from ..errors import UserError
 from .distributed import full_state_dict, load_state, save_pretrained, save_state
-from .stages import RecipeError
+from .stages import Recipe, RecipeError
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 LOCK = ".lock"
@@ -128,12 +130,42 @@ def _key_order(key: str):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
 
 
+def recipe_default(key: str, cls=None):
+    """The value a recipe that leaves out the dotted field `key` ("toy_world.digit_group", "stages.1.lr") gets,
+    or dataclasses.MISSING where the field is required or unknown."""
+    head, _, rest = key.partition(".")
+    cls = cls or Recipe
+    field = {f.name: f for f in dataclasses.fields(cls)}.get(head) if dataclasses.is_dataclass(cls) else None
+    if field is None:
+        return dataclasses.MISSING
+    kind = typing.get_type_hints(cls).get(head)
+    if rest and typing.get_origin(kind) is list:
+        index, _, rest = rest.partition(".")
+        (item,) = typing.get_args(kind) or (None,)
+        return recipe_default(rest, item) if index.isdigit() and rest and dataclasses.is_dataclass(item) \
+            else dataclasses.MISSING
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return dataclasses.MISSING
+    if dataclasses.is_dataclass(value):
+        return recipe_default(rest, type(value)) if rest else dataclasses.asdict(value)
+    return dataclasses.MISSING if rest else value
+
+
 def recipe_changes(recorded: dict, current: dict) -> dict[str, tuple]:
     """{dotted key: (recorded value, current value)} for every field that differs, bookkeeping fields included
-    ("<absent>" where one side has no such key)."""
+    ("<absent>" where one side has no such key). A field the recorded recipe lacks (recorded before the field
+    existed) is no change while the current value is its default."""
     import yaml
 
     a, b = _flat(recorded), _flat(yaml.safe_load(yaml.safe_dump(current)))  # tuples -> lists, as recorded
+    for k in set(b) - set(a):
+        default = recipe_default(k)
+        if default is not dataclasses.MISSING and yaml.safe_load(yaml.safe_dump(default)) == b[k]:
+            a[k] = b[k]
     return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b), key=_key_order)
             if a.get(k, "<absent>") != b.get(k, "<absent>")}
 
