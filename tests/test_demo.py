@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hylo_lab import tracking
 from hylo_lab.demo import NIAH_TASKS, QUICK_PARAMETERS, DemoSettings, with_linear
 from hylo_lab.sweep import notebook_parameters
 
@@ -137,7 +138,7 @@ def test_quick_demo_logs_every_metric(quick_demo):
     assert run.info.run_name.startswith("demo-quick 2MLA2GDN seed0 20")
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
-    assert s["run_url"].endswith(f"/#/experiments/{run.info.experiment_id}/runs/{s['run_id']}")
+    assert s["run_url"].endswith(f"/#/experiments/{run.info.experiment_id}/runs/{s['run_id']}{tracking.UI_QUERY}")
     assert {"tables/summary.json", "tables/results.csv"} <= {a.path for a in client.list_artifacts(s["run_id"], "tables")}
     artifacts = {a.path for a in client.list_artifacts(s["run_id"], "figures")}
     assert {"figures/niah_vs_length.png", "figures/cache_vs_length.png"} <= artifacts
