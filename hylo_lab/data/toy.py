@@ -1,6 +1,6 @@
 """The toy world: a generated corpus, a locally trained tokenizer and a ladder of small teachers, all offline.
 
-No checkpoint can be downloaded here, so the project trains its own teachers (issue 6):
+No checkpoint can be downloaded here, so the project trains its own teachers:
 - corpus: `toy_corpus.toy_corpus`, a templated English-like corpus over a fixed world of facts;
 - tokenizer: byte-level BPE (1024 tokens, digits split one by one, the 256 bytes in the alphabet so nothing
   is ever <unk>), trained on the corpus plus the raw text of NIAH samples from `data/tasks/` (see
@@ -51,16 +51,13 @@ TEACHERS: dict[str, dict] = {
                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6),
 }
 # How each teacher is trained by default (steps x batch_size rows of TOY_TRAIN_LEN + ANSWER_ROOM tokens).
-# Every step also scores `copy_rows` copy rows (TeacherBatches.copy_batch): without them no teacher learned to
-# retrieve a needle in 1000+ steps; with them llama-s does (README, "Toy demo results"). NIAH rows use the needle
-# tasks of TEACHER_NIAH_TASKS: one needle with a word key and a number value in a noise or an essay haystack. Key
-# matching among distractor needles (niah_multikey_1) stayed at 0.0-0.3 in every setting tried (README, "Toy demo
-# results") and uuid values are out of reach at this size and budget, so neither is trained or asked.
-# The failures left are digit-order slips inside the 7-digit value ("3656662" -> "3656626"). 64 copy rows per step,
-# 85% NIAH rows, answer weight 6, no weight decay and lr 3e-3 took llama-s from 0.86-0.87 to 0.99-1.00 NIAH at 256
-# (H100, 128 samples per task, seeds 0 and 1) and 0.91 -> 1.00 in the CPU demo, for 25% more tokens per step
-# (benchmarks/results/toy_search/README.md, rounds 5-10). With them on the CPU qwen3-s and llama-m reach 0.98 and
-# llama-xs 0.99; with 2 layers instead of 4 it reached only 0.63, so the smallest rung is 4 x 64 (README).
+# Every step also scores `copy_rows` copy rows (TeacherBatches.copy_batch): without them no teacher learns to
+# retrieve a needle. NIAH rows use the needle tasks of TEACHER_NIAH_TASKS: one needle with a word key and a number
+# value in a noise or an essay haystack; key matching among distractor needles (niah_multikey_1) and uuid values
+# are out of reach at this size and budget, so neither is trained or asked. The remaining failures are digit-order
+# slips inside the 7-digit value, which the many copy rows, the NIAH-heavy mix, the answer weight and no weight
+# decay address; 4 layers is the smallest depth that retrieves. The search behind these values and the accuracies
+# they reach: README "Toy demo results" and benchmarks/results/toy_search/README.md.
 TEACHER_NIAH_TASKS = ("niah_single_1", "niah_single_2")
 _TRAIN = dict(batch_size=16, copy_rows=64, niah_fraction=0.85, answer_weight=6.0, weight_decay=0.0,
               niah_tasks=TEACHER_NIAH_TASKS)

@@ -1,4 +1,4 @@
-"""The embedded default: the whole HyLo recipe on the offline toy world, as plain functions (issue 6).
+"""The embedded default: the whole HyLo recipe on the offline toy world, as plain functions.
 
     toy world + teachers (cached) -> upcycle llama-s to MLA + GDN/Mamba2 -> stage 1 Enhanced-ILD -> stage 2 KD
     (staged: the teachers' length, then a longer one with YaRN on the MLA layers) -> NIAH accuracy,
