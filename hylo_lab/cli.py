@@ -111,6 +111,8 @@ def cmd_eval(args):
     if tracker is not None:
         tracker.end()
     print(summary_text(results))
+    if tracker is not None:
+        _print_run_link(tracker.url())
 
 
 def cmd_sweep(args):
@@ -125,6 +127,10 @@ def cmd_sweep(args):
     summary = run_sweep(args.sweep_file, jobs=args.jobs, dry_run=args.dry_run, only=parse_only(args.only),
                         out_dir=args.out_dir, tracking_uri=args.tracking_uri, executor=executor,
                         seeds=parse_seeds(args.seeds))
+    if summary.attrs.get("parent_run_id"):
+        from hylo_lab.tracking import run_url
+
+        _print_run_link(run_url(summary.attrs["parent_run_id"], summary.attrs["tracking_uri"]), "the sweep's parent")
     failed = int((summary.status == "FAILED").sum())
     if failed:
         sys.exit(f"hylo-lab sweep: {failed} of {len(summary)} point(s) failed")
@@ -146,7 +152,9 @@ def cmd_compare(args):
 
 def cmd_distill(args):
     """Run a distillation recipe: stage 1 Enhanced-ILD, assembly, stage-2 KD stages (hylo_lab.distill)."""
+    import json
     import shlex
+    from pathlib import Path
 
     from hylo_lab.distill.stages import load_recipe
     from hylo_lab.distill.trainer import Distiller, NonFiniteLoss, run_recipe
@@ -188,6 +196,18 @@ def cmd_distill(args):
         print(f"stopped after --max-steps {args.max_steps}; continue with: {shlex.join(again)}")
     else:
         print(f"final model: {summary['final_model']}")
+    record = Path(summary["output_dir"]) / "mlflow_run.json"  # preflight.make_tracker's record of the run it logs to
+    if recipe.tracking.enabled and record.is_file():
+        from hylo_lab.tracking import run_url
+
+        logged = json.loads(record.read_text())
+        _print_run_link(run_url(logged.get("run_id", ""), logged.get("tracking_uri")))
+
+
+def _print_run_link(url: str, what: str = "") -> None:
+    """The last line of a command that logged to MLflow: where its run opens ("" prints nothing)."""
+    if url:
+        print(f"MLflow run{f' ({what})' if what else ''}: {url}")
 
 
 def cmd_demo(args):

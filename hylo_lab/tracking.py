@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./ :]")
@@ -81,6 +82,30 @@ def store_problem(uri: str, timeout: float = 3.0) -> str | None:
     return problem
 
 
+@contextmanager
+def store_creation(uri: str):
+    """Holds the block (a process's first access to the store, which creates a new sqlite database's tables) while
+    no other process does the same for the database's folder: two processes migrating one new database at once
+    collide ("table _alembic_tmp_experiments already exists") and one of them loses its logging. Blocks, unlike
+    outputs.locked; a lock on the folder itself, so no file is left beside the database. Other stores: no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        yield
+        return
+    folder = Path(uri[len("sqlite:///"):].split("?")[0]).absolute().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": 1, "c": "[1, 2]"}: plain values MLflow params accept."""
     out = {}
@@ -126,7 +151,8 @@ class Tracker:
             import mlflow
 
             mlflow.set_tracking_uri(uri)
-            ensure_experiment(mlflow.MlflowClient(), experiment)
+            with store_creation(uri):
+                ensure_experiment(mlflow.MlflowClient(), experiment)
             mlflow.set_experiment(experiment)
             all_tags = {"git_sha": git_sha(), **(tags or {})}
             if parent_run_id:
@@ -243,7 +269,7 @@ class Tracker:
             return ""
         run = self._call("get_run", self.run_id)
         exp = run.info.experiment_id if run is not None else "0"
-        return f"{ui_base(self.tracking_uri)}/#/experiments/{exp}/runs/{self.run_id}{UI_QUERY}"
+        return run_address(exp, self.run_id, self.tracking_uri)
 
     def end(self, status: str = "FINISHED"):
         self._call("set_terminated", self.run_id, status)
@@ -276,6 +302,26 @@ def ui_base(tracking_uri: str) -> str:
 def experiment_url(experiment_id: str, tracking_uri: str) -> str:
     """Where an experiment opens on its runs table (not MLflow 3.17's GenAI overview)."""
     return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}{UI_QUERY}"
+
+
+def run_address(experiment_id: str, run_id: str, tracking_uri: str) -> str:
+    """Where a run opens: its page on an http(s) server, else the `mlflow ui` address for a local store."""
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}{UI_QUERY}"
+
+
+def run_url(run_id: str, tracking_uri: str | None = None) -> str:
+    """Tracker.url for a run this process holds no Tracker of (a sweep's parent, a distillation's run); "" when
+    the store cannot be reached (tracking.store_problem, already reported) or does not hold the run."""
+    uri = tracking_uri or default_tracking_uri()
+    if not run_id or store_problem(uri):
+        return ""
+    try:
+        import mlflow
+
+        experiment_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:
+        return ""
+    return run_address(experiment_id, run_id, uri)
 
 
 def ensure_experiment(client, name: str) -> str:
