@@ -57,7 +57,7 @@ TEACHERS: dict[str, dict] = {
 # are out of reach at this size and budget, so neither is trained or asked. The remaining failures are digit-order
 # slips inside the 7-digit value, which the many copy rows, the NIAH-heavy mix, the answer weight and no weight
 # decay address; 4 layers is the smallest depth that retrieves. The search behind these values and the accuracies
-# they reach: README "Toy demo results" and benchmarks/results/toy_search/README.md.
+# they reach: benchmarks/results/toy_search/README.md.
 TEACHER_NIAH_TASKS = ("niah_single_1", "niah_single_2")
 _TRAIN = dict(batch_size=16, copy_rows=64, niah_fraction=0.85, answer_weight=6.0, weight_decay=0.0,
               niah_tasks=TEACHER_NIAH_TASKS)
@@ -473,42 +473,40 @@ def get_toy_world(root: str | Path | None = None, *, teachers=("llama-s",), quic
 
 def niah_accuracy(model, tokenizer, *, lengths=(TOY_TRAIN_LEN,), num_samples: int = 20, seed: int = 0,
                   haystack=None, batch_size: int = 32, tasks=None) -> dict:
-    """{length: {task: mean score_sample}} over `num_samples` samples per task (seeds seed..seed+n-1);
-    `tasks`: the NIAH tasks to run (default all eight)."""
-    from ..eval.generation import greedy_generate
+    """{length: {task: mean score_sample}} over `num_samples` samples per task (seeds seed..seed+n-1), decoded
+    and scored by eval.ruler.answer_samples; `tasks`: the NIAH tasks to run (default all eight)."""
+    from ..eval.ruler import answer_samples
     from . import tasks as task_gen
 
+    kwargs = {} if haystack is None else dict(haystack=haystack)
     result = {}
     for length in lengths:
         result[length] = {}
         for task in tuple(tasks or task_gen.NIAH_TASKS):
-            kwargs = {} if haystack is None else dict(haystack=haystack)
             samples = [task_gen.generate_sample(task, tokenizer, length, seed=seed + i, **kwargs)
                        for i in range(num_samples)]
-            scores = []
-            for b in range(0, num_samples, batch_size):
-                chunk = samples[b:b + batch_size]
-                new = greedy_generate(model, torch.tensor([s.input_ids for s in chunk]),
-                                      max(s.max_new_tokens for s in chunk), eos_token_id=tokenizer.eos_token_id)
-                for s, row in zip(chunk, new):
-                    pred = tokenizer.decode(row, skip_special_tokens=True)
-                    scores.append(task_gen.score_sample(task, pred, s.answers))
+            scores = [r["score"] for r in answer_samples(model, tokenizer, samples, batch_size=batch_size)]
             result[length][task] = sum(scores) / len(scores)
     return result
 
 
+def _windows(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """`texts` packed (eos after each document) into [N, seq_len] windows; the tail shorter than one is dropped."""
+    ids = [t for doc in texts for t in tokenizer.encode(doc) + [tokenizer.eos_token_id]]
+    return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], *, seq_len: int = TOY_TRAIN_LEN, batch_size: int = 16):
-    """exp(mean next-token CE) over `texts` packed (eos between documents) into windows of seq_len tokens."""
-    device = next(model.parameters()).device
-    ids = [t for doc in texts for t in tokenizer.encode(doc) + [tokenizer.eos_token_id]]
-    windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    """exp(mean next-token NLL, eval.perplexity.token_nll) over `texts` packed into windows of seq_len tokens."""
+    from ..eval.perplexity import token_nll
+
+    windows = _windows(tokenizer, texts, seq_len)
     total, count = 0.0, 0
     for b in range(0, len(windows), batch_size):
-        x = windows[b:b + batch_size].to(device)
-        logits = model(input_ids=x).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
+        nll = token_nll(model, windows[b:b + batch_size])
+        total += nll.sum().item()
+        count += nll.numel()
     return math.exp(total / count)
 
 
@@ -520,8 +518,7 @@ def unigram_perplexity(tokenizer, train_texts: list[str], texts: list[str], *, s
     for doc in train_texts:
         counts += torch.bincount(torch.tensor(tokenizer.encode(doc) + [eos]), minlength=len(tokenizer))
     logp = (counts / counts.sum()).log()
-    ids = [t for doc in texts for t in tokenizer.encode(doc) + [eos]]
-    windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    windows = _windows(tokenizer, texts, seq_len)
     return math.exp(-logp[windows[:, 1:]].mean().item())
 
 
