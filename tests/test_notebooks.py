@@ -77,7 +77,6 @@ def test_notebooks_follow_the_sweep_convention_and_stay_thin(path):
 def lab(tmp_path_factory):
     """A quick toy world in a temporary HYLO_LAB_HOME and a temporary sqlite MLflow, for every notebook."""
     from hylo_lab.data.toy import get_toy_world
-    from hylo_lab.tracking import find_runs
 
     root = tmp_path_factory.mktemp("notebooks")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -87,7 +86,6 @@ def lab(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HYLO_LAB_HOME", env["HYLO_LAB_HOME"])
         get_toy_world(teachers=("llama-s",), quick=True, progress=False)
-    find_runs(None, tracking_uri=uri)  # creates the tables now: two lanes creating them at once collide
     return dict(root=root, uri=uri, env=env)
 
 
