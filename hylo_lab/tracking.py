@@ -152,7 +152,7 @@ class Tracker:
 
             mlflow.set_tracking_uri(uri)
             with store_creation(uri):
-                ensure_experiment(mlflow.MlflowClient(), experiment)
+                ensure_experiment(mlflow.MlflowClient(), experiment, artifact_location(uri))
             mlflow.set_experiment(experiment)
             all_tags = {"git_sha": git_sha(), **(tags or {})}
             if parent_run_id:
@@ -324,12 +324,22 @@ def run_url(run_id: str, tracking_uri: str | None = None) -> str:
     return run_address(experiment_id, run_id, uri)
 
 
-def ensure_experiment(client, name: str) -> str:
-    """The id of experiment `name`, created if missing; tagged as model development so the UI opens on its runs."""
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a local sqlite store keeps its artifacts: `mlruns/` beside the database, whatever
+    the working directory (MLflow's default, ./mlruns, would scatter them: notebooks/mlruns from a notebook).
+    None for other stores (a server decides)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns")
+
+
+def ensure_experiment(client, name: str, artifacts: str | None = None) -> str:
+    """The id of experiment `name`, created if missing (its artifacts under `artifacts` when given); tagged as
+    model development so the UI opens on its runs."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+            return client.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
         except Exception:  # another process (a parallel sweep point) created it first
             exp = client.get_experiment_by_name(name)
             if exp is None:
