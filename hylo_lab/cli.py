@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a paper preset, e.g. llama3.2-1b/4MLA12GDN (layers and dims)")
     p.add_argument("--linear", help="linear block for --mla-layers without --layout: gdn | mamba2 (a linear row of "
                                     "hylo_lab.mixers.MIXERS)")
-    p.add_argument("--q-lora-rank", type=int, help="query latent rank (0 = no query compression)")
+    p.add_argument("--q-lora-rank", type=int,
+                   help="query latent rank (0 = no query compression; omitted: the default size)")
     p.add_argument("--kv-lora-rank", type=int, help="KV latent rank")
     p.add_argument("--qk-rope-head-dim", type=int, help="MLA RoPE width per head (a divisor of head_dim)")
     p.add_argument("--rank-energy", type=float, help="choose unset ranks by kept singular-value energy, e.g. 0.95")

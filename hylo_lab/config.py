@@ -159,7 +159,7 @@ class HyloConfig(PretrainedConfig):
         mixers: list[str] | None = None,
         layout: str | None = None,
         mla_layers: list[int] | None = None,
-        q_lora_rank: int | None = None,
+        q_lora_rank: int | None = None,  # None: no query compression (upcycle's 0; its None is the default size)
         kv_lora_rank: int = 64,
         qk_rope_head_dim: int | None = None,
         qk_nope_head_dim: int | None = None,

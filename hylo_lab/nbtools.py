@@ -94,8 +94,9 @@ def model_label(ref: str) -> str:
 
 
 def upcycle_options(*, mla_layers: str = "", linear: str = "gdn", layout: str = "", q_lora_rank: int = -1,
-                    kv_lora_rank: int = -1, rank_energy: float = 0.0, rope_init: str = "filled", seed: int = 0) -> dict:
-    """Notebook parameters (sentinels -1 / 0.0 / "" = the default) -> keyword arguments of `upcycle`."""
+                    kv_lora_rank: int = -1, rank_energy: float = -1.0, rope_init: str = "filled", seed: int = 0) -> dict:
+    """Notebook parameters -> keyword arguments of `upcycle`: the sentinels -1 / "" become None (left out:
+    upcycle's default); q_lora_rank 0 stays 0, upcycle's "no query compression"."""
     kw = dict(linear=linear or None, rope_init=rope_init, seed=seed)
     if layout:
         kw["layout"] = layout
@@ -103,11 +104,9 @@ def upcycle_options(*, mla_layers: str = "", linear: str = "gdn", layout: str = 
         kw["mla_layers"] = split(mla_layers, int)
     if layout and not mla_layers:
         kw["select"] = "uniform"
-    for name, value in (("q_lora_rank", q_lora_rank), ("kv_lora_rank", kv_lora_rank)):
-        if value >= 0:
+    for name, value in (("q_lora_rank", q_lora_rank), ("kv_lora_rank", kv_lora_rank), ("rank_energy", rank_energy)):
+        if value != -1:
             kw[name] = value
-    if rank_energy > 0:
-        kw["rank_energy"] = rank_energy
     return kw
 
 
