@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,72 +51,9 @@ from .evaluation import best_so_far, diverged_at_end, heldout_metrics, is_diverg
 from .ild import TeacherForcedStudent, teacher_states
 from .kd import KDStudent, apply_yarn, check_shared_tokenizer, teacher_kd_targets
 from .preflight import check_data, check_recipe_matches, make_tracker, plan_student, student_kinds
+from .runs import NonFiniteLoss, Run, RunResult, adamw, batch_layout, finished_result, run_seed, \
+    set_activation_checkpointing
 from .stages import Recipe, RecipeError, StageSpec, expand, load_recipe, recipe_from_dict
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss (or gradient norm) became NaN / inf; the run stopped before the optimizer step."""
-
-
-def set_activation_checkpointing(model, on: bool):
-    """Recompute each decoder layer in backward (non-reentrant). transformers >= 5.2x names it activation_
-    checkpointing_*, earlier 5.x gradient_checkpointing_*: use whichever the installed version has."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-
-
-
-def _seed_for(seed: int, *parts) -> int:
-    """A stable per-run seed (Python's hash() of str is salted per process, so not that)."""
-    import zlib
-
-    return (seed * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2**31 - 1)
-
-
-def finished_result(run: str, final: Path) -> "RunResult":
-    info = json.loads((final / "done.json").read_text()) if (final / "done.json").is_file() else {}
-    return RunResult(run, final, steps=info.get("steps", 0), eval_kl=info.get("eval_kl", []),
-                     diverged=info.get("diverged"))
-
-
-
-@dataclass
-class RunResult:
-    name: str
-    final_dir: Path | None  # None when the step budget stopped the run before its end
-    steps: int = 0
-    eval_kl: list = field(default_factory=list)  # [(step, value)]
-    stopped: bool = False
-    diverged: dict | None = None  # {best_step, best_kl, final_kl, best_dir} when the run ended diverged
-
-
-
-@dataclass
-class Run:
-    """One training run in progress: what its loop reads and advances."""
-    name: str
-    stage: StageSpec
-    dir: Path
-    ild: bool
-    teacher: nn.Module
-    wrapper: nn.Module  # TeacherForcedStudent (ild) or KDStudent, prepared by the accelerator
-    optimizer: torch.optim.Optimizer
-    stream: PackedStream
-    batch: int  # rows per optimizer step, all processes together
-    micro: int  # rows per forward, per process
-    accum: int  # micro-batches per optimizer step, per process
-    steps: int
-    use_ckpt: bool  # activation checkpointing
-    result: RunResult
-    step: int = 0
-    tokens: int = 0
 
 
 class Distiller:
@@ -234,7 +170,7 @@ class Distiller:
     def calibration_ids(self):
         st = self.recipe.stages[0]
         stream = PackedStream(self.recipe.data.train, self.tokenizer, min(st.seq_len, 512),
-                              seed=_seed_for(self.recipe.seed, "calibration"), sources=self.train_sources)
+                              seed=run_seed(self.recipe.seed, "calibration"), sources=self.train_sources)
         return stream.next_batch(self.recipe.student.calibration_rows)
 
     # -- the whole recipe ----------------------------------------------------------------------------------------
@@ -387,17 +323,7 @@ class Distiller:
     # -- one training run ----------------------------------------------------------------------------------------
 
     def batch_layout(self, st: StageSpec) -> tuple[int, int, int]:
-        """(global batch rows, micro-batch rows per process, accumulation steps)."""
-        bs, micro = self.recipe.stage_batch(st)
-        n = self.accelerator.num_processes
-        if micro is None:
-            if bs % n:
-                raise RecipeError(f"stage {st.name}: batch_size={bs} does not split over {n} processes")
-            micro = bs // n
-        if bs % (micro * n):
-            raise RecipeError(f"stage {st.name}: batch_size={bs} is not a multiple of micro_batch_size={micro} x "
-                              f"{n} processes")
-        return bs, micro, bs // (micro * n)
+        return batch_layout(self.recipe, st, self.accelerator.num_processes)
 
     def train_run(self, name: str, st: StageSpec, start, teacher, *, ild: bool) -> RunResult:
         """One student in one stage. Set-up (model, optimizer, data, resume) is open_run, the end close_run."""
@@ -486,7 +412,7 @@ class Distiller:
             self.overall.step(name)
         bs, micro, accum = self.batch_layout(st)
         steps = st.num_steps(bs)
-        torch.manual_seed(_seed_for(r.seed, name, "init"))
+        torch.manual_seed(run_seed(r.seed, name, "init"))
         student = start()
         student.train()
         use_ckpt = st.activation_checkpointing if st.activation_checkpointing is not None else t.activation_checkpointing
@@ -500,12 +426,8 @@ class Distiller:
             wrapper = TeacherForcedStudent(student, mixer_weight=st.mixer_weight, squared=st.squared)
         else:
             wrapper = KDStudent(student, st)
-        params = [(n, p) for n, p in wrapper.named_parameters() if p.requires_grad]
-        groups = [dict(params=[p for n, p in params if p.ndim >= 2], weight_decay=t.weight_decay),
-                  dict(params=[p for n, p in params if p.ndim < 2], weight_decay=0.0)]
-        optimizer = torch.optim.AdamW(groups, lr=st.lr, betas=tuple(t.lr_betas), eps=t.eps)
-        wrapper, optimizer = acc.prepare(wrapper, optimizer)
-        stream = PackedStream(r.data.train, self.tokenizer, st.seq_len, seed=_seed_for(r.seed, r.stages.index(st),
+        wrapper, optimizer = acc.prepare(wrapper, adamw(wrapper, st, t))
+        stream = PackedStream(r.data.train, self.tokenizer, st.seq_len, seed=run_seed(r.seed, r.stages.index(st),
                                                                                          "data"),
                               synthetic=self.synthetic_for(st), sources=self.train_sources)
         run = Run(name, st, run_dir, ild, teacher, wrapper, optimizer, stream, bs, micro, accum, steps, use_ckpt,
