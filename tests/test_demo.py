@@ -14,6 +14,7 @@ import pytest
 
 from hylo_lab import tracking
 from hylo_lab.demo import NIAH_TASKS, QUICK_PARAMETERS, DemoSettings, with_linear
+from hylo_lab.demo.settings import EVAL_DEFAULTS
 from hylo_lab.sweep import notebook_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +121,7 @@ def test_quick_demo_logs_every_metric(quick_demo):
     run = client.get_run(s["run_id"])
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    lengths = [int(x) for x in QUICK_PARAMETERS["eval_lengths"].split(",")]
+    lengths = [int(x) for x in EVAL_DEFAULTS[True]["eval_lengths"].split(",")]
     models = ("teacher", "teacher_yarn", "hybrid")
     expected = [f"eval/{m}/ppl/256" for m in models] + ["train/teacher/llama-s/loss"]
     for n in lengths:

@@ -83,3 +83,12 @@ def test_mla_yarn_sets_the_factor_inside_and_restores_it(make_config):
         assert not torch.allclose(model(ids).logits, before)
     assert model.config.mla_rope_parameters == rope
     torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_quick_alone_decides_an_unset_evaluation():
+    # a sweep that sets only `quick: false` must evaluate as the full demo, not with the notebook's quick defaults
+    full, quick = DemoSettings(quick=False), DemoSettings(quick=True)
+    assert (full.eval_samples, full.lengths[-1], full.ppl_tokens) == (32, 8192, 32768)
+    assert (quick.eval_samples, quick.lengths, quick.ppl_tokens) == (2, [256, 512], 2048)
+    chosen = DemoSettings(quick=True, eval_samples=5, eval_lengths="256,1024", ppl_tokens=4096)
+    assert (chosen.eval_samples, chosen.lengths, chosen.ppl_tokens) == (5, [256, 1024], 4096)

@@ -16,8 +16,8 @@ ABLATIONS = sorted((ROOT / "ablations").glob("*.yaml"))
 
 # What notebooks/00_quickstart.ipynb declares (issue 7); checks the ablation files until the notebook exists.
 QUICKSTART = dict(run_id="", parent_run_id="", experiment="quickstart", tracking_uri="", seed=0, world_seed=0,
-                  quick=True, overrides="", yarn_eval="fixed", eval_samples=2, long_eval_samples=8,
-                  eval_lengths="256,512", ppl_tokens=2048, out_dir="")
+                  quick=True, overrides="", yarn_eval="fixed", eval_samples=-1, long_eval_samples=8,
+                  eval_lengths="", ppl_tokens=-1, out_dir="")
 
 
 def write_sweep(tmp_path, **overrides):

@@ -36,15 +36,18 @@ class DemoSettings:
     quick: bool = False  # the quick recipe (tiny teachers, few steps): every step in about a minute (CI)
     overrides: str = ""  # recipe fields, "stages.kd-long.steps=300; student.layout=2MLA2M2" (distill.stages)
     yarn_eval: str = "fixed"  # the hybrid's MLA factor at evaluation: fixed = the training one; cover = yarn_factor_at
-    eval_samples: int = 32  # NIAH samples per task, length and seed, the same samples for every model
+    eval_samples: int = -1  # NIAH samples per task, length and seed, the same samples for every model (-1: by quick)
     long_eval_samples: int = 8  # the plain teacher beyond 4x (a bar, "below 0.20", not a comparison)
-    eval_lengths: str = "256,512,1024,2048,4096,8192"  # context lengths of the evaluation
-    ppl_tokens: int = 32768  # held-out tokens of the perplexity
+    eval_lengths: str = ""  # context lengths of the evaluation ("": by quick)
+    ppl_tokens: int = -1  # held-out tokens of the perplexity (-1: by quick)
     out_dir: str = ""  # where models, tables and figures go ("" = runs/demo)
 
     def __post_init__(self):
         from ..config import parse_list
 
+        for name, value in EVAL_DEFAULTS[self.quick is True].items():  # unset: what `quick` implies
+            if getattr(self, name) in (-1, ""):
+                setattr(self, name, value)
         problems = []
         if self.yarn_eval not in YARN_EVAL:
             problems.append(f"yarn_eval={self.yarn_eval!r}: choose one of {', '.join(YARN_EVAL)}")
@@ -220,7 +223,11 @@ def warn_outside_yarn(what: str, length: int, factor: float) -> None:
 
 
 # What --quick changes: the quick recipe, two lengths, few evaluation samples and perplexity tokens.
-QUICK_PARAMETERS = dict(quick=True, eval_samples=2, ppl_tokens=2048, eval_lengths="256,512")
+# The evaluation a run gets when its settings leave it unset (-1 or ""): the full demo's, or the quick run's, so
+# `quick: false` alone (a sweep, the CLI) is the full demo everywhere.
+EVAL_DEFAULTS = {False: dict(eval_samples=32, eval_lengths="256,512,1024,2048,4096,8192", ppl_tokens=32768),
+                 True: dict(eval_samples=2, eval_lengths="256,512", ppl_tokens=2048)}
+QUICK_PARAMETERS = dict(quick=True)
 
 
 def with_linear(layout: str, linear: str) -> str:
