@@ -96,7 +96,7 @@ def cluster(tmp_path):
             return "2.0 CPU" in out or "0.0/2.0 CPU" in out
 
         wait_for(server_up, 120, "the MLflow server")
-        wait_for(two_nodes, 120, "the Ray worker node to join")
+        wait_for(two_nodes, 300, "the Ray worker node to join")  # slow on a loaded 2-core machine
         yield dict(address=f"127.0.0.1:{ray_port}", uri=uri, worker=worker, env=env)
     finally:
         subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
