@@ -92,3 +92,10 @@ def test_quick_alone_decides_an_unset_evaluation():
     assert (quick.eval_samples, quick.lengths, quick.ppl_tokens) == (2, [256, 512], 2048)
     chosen = DemoSettings(quick=True, eval_samples=5, eval_lengths="256,1024", ppl_tokens=4096)
     assert (chosen.eval_samples, chosen.lengths, chosen.ppl_tokens) == (5, [256, 1024], 4096)
+
+
+def test_seeds_draw_disjoint_evaluation_samples():
+    # sample seeds eval_seed .. eval_seed + n - 1: consecutive eval seeds would share n - 1 of n samples
+    a, b = DemoSettings(seed=0), DemoSettings(seed=1)
+    first = set(range(a.eval_seed, a.eval_seed + a.eval_samples))
+    assert a.eval_seed == 1000 and not first & set(range(b.eval_seed, b.eval_seed + b.eval_samples))

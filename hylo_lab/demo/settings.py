@@ -125,8 +125,9 @@ class DemoSettings:
 
     @property
     def eval_seed(self) -> int:
-        """First sample seed of the NIAH evaluation: every model of one run sees the same samples."""
-        return 1000 + self.seed
+        """First sample seed of the NIAH evaluation: every model of one run sees the same samples, and runs of
+        different seeds see disjoint ones (a run draws seeds eval_seed .. eval_seed + eval_samples - 1)."""
+        return 1000 + EVAL_SEED_STRIDE * self.seed
 
     def niah_samples(self, model: str, length: int) -> int:
         """Samples per NIAH task at `length` for `model`: eval_samples, except the plain teacher beyond 4x its
@@ -228,6 +229,7 @@ def warn_outside_yarn(what: str, length: int, factor: float) -> None:
 EVAL_DEFAULTS = {False: dict(eval_samples=32, eval_lengths="256,512,1024,2048,4096,8192", ppl_tokens=32768),
                  True: dict(eval_samples=2, eval_lengths="256,512", ppl_tokens=2048)}
 QUICK_PARAMETERS = dict(quick=True)
+EVAL_SEED_STRIDE = 100_000  # more samples per task than any run draws
 
 
 def with_linear(layout: str, linear: str) -> str:
