@@ -9,11 +9,12 @@ tasks over local jsonl (`include_path`). A task whose data cannot be loaded offl
 
 from __future__ import annotations
 
-from hylo_lab.errors import UserError
 import json
 import re
 import tempfile
 from pathlib import Path
+
+from ..errors import UserError
 
 # method.md section 6: the 0-shot commonsense average, and GSM8K 0-shot reported apart.
 PAPER_COMMONSENSE_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "openbookqa", "piqa", "race", "winogrande")
