@@ -53,6 +53,8 @@ def export_result(task: dict, result: dict, results_dir: Path) -> Path:
             print(f"[hylo_lab] could not read run {result['run_id']} back from MLflow: {exc}", file=sys.stderr)
             found = []
         run = found[0] if found else None
+    if run is None:
+        run = _files_of(task.get("parameters", {}).get("out_dir"))
     tags = {**task.get("tags", {}), **{k: v for k, v in (run or {}).get("tags", {}).items()
                                         if not k.startswith("mlflow.")}}
     if result.get("duration_s") is not None:
@@ -71,6 +73,23 @@ def export_result(task: dict, result: dict, results_dir: Path) -> Path:
     return path
 
 
+def _files_of(out_dir) -> dict | None:
+    """An untracked point's metrics and summary from the files its notebook left in `out_dir` (metrics.json:
+    name -> value as it would have logged them; summary.json: scalars, exported as summary.<name> tags), or None."""
+    if not out_dir:
+        return None
+    found = {}
+    for name in ("metrics.json", "summary.json"):
+        try:
+            found[name] = json.loads((Path(out_dir) / name).read_text())
+        except (OSError, ValueError):
+            found[name] = {}
+    if not found["metrics.json"]:
+        return None
+    summary = {f"summary.{k}": str(v) for k, v in found["summary.json"].items() if not isinstance(v, (dict, list))}
+    return dict(metrics=found["metrics.json"], tags=summary, params={})
+
+
 def read_exports(results_dir) -> dict[str, dict]:
     """point key -> the exported JSON of every point in `results_dir` (export_result's files)."""
     out = {}
@@ -85,7 +104,8 @@ def read_exports(results_dir) -> dict[str, dict]:
 
 
 def where_it_ran() -> dict:
-    """host, device (the GPU's name, else the CPU's) and the git sha (+ "-dirty") of the code that ran."""
+    """host, device (the GPU's name, else the CPU's) and the git sha (+ "-dirty") of the code that ran
+    ($HYLO_LAB_GIT_SHA where the code is a copy without .git)."""
     import platform
     import socket
     import subprocess
@@ -107,6 +127,7 @@ def where_it_ran() -> dict:
             device = torch.cuda.get_device_name(0)
     except ImportError:
         pass
+    sha = sha or os.environ.get("HYLO_LAB_GIT_SHA", "")  # a copy of the code without .git (a lent GPU machine)
     return dict(host=socket.gethostname(), device=device, git_sha=sha or "unknown")
 
 

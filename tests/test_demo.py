@@ -75,10 +75,12 @@ def test_overrides_set_recipe_fields():
 
 def test_quick_demo_writes_every_artifact(quick_demo):
     out = quick_demo["out"]
-    for name in ("00_quickstart.ipynb", "00_quickstart.html", "results.csv", "summary.json",
+    for name in ("00_quickstart.ipynb", "00_quickstart.html", "results.csv", "summary.json", "metrics.json",
                  "figures/niah_vs_length.png", "figures/cache_vs_length.png", "distill/summary.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "distill" / "summary.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())  # what an untracked sweep exports
+    assert {"eval/hybrid/niah/256", "eval/teacher/niah/512", "eval/teacher_yarn/ppl/256"} <= set(metrics)
     html = (out / "00_quickstart.html").read_text()
     assert "data:image/png;base64" in html  # figures inline
     assert "NIAH teacher" in quick_demo["stdout"] and "goals:" in quick_demo["stdout"]

@@ -338,6 +338,26 @@ def test_exported_points_resume_a_sweep_elsewhere_and_rebuild_runs_csv(tmp_path)
     assert (tmp_path / "results" / "runs.csv").exists() and first.run_id.iloc[0]
 
 
+def test_an_untracked_sweep_exports_metrics_the_notebooks_left_and_resumes_from_them(tmp_path, capsys):
+    """MLflow unavailable (here: the store's path is a folder; on a GPU machine: no mlflow package): every point
+    runs untracked, the exports take metrics from the metrics.json each notebook left in its out_dir, the summary
+    shows them and a re-run skips the finished points."""
+    import json
+
+    folder = tmp_path / "store_is_a_folder"
+    folder.mkdir()
+    uri, points = f"sqlite:///{folder}", tmp_path / "points"
+    first = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=tmp_path / "nb", points_dir=points, echo=lambda *a: None)
+    assert "MLflow unavailable" in capsys.readouterr().err
+    assert first.status.tolist() == ["FINISHED", "FINISHED", "FAILED"]
+    assert first["score"].tolist()[:2] == [0.5, 1.0] and first.run_id.isna().all()
+    data = json.loads((points / "x=2.json").read_text())
+    assert data["run_id"] is None and data["metrics"] == {
+        "score": 1.0, "eval/niah/128": 0.2, "eval/niah/256": 0.1, "eval/niah/512": 0.05}
+    second = run_sweep(TINY_YAML, tracking_uri=uri, out_dir=tmp_path / "nb", points_dir=points, echo=lambda *a: None)
+    assert second.status.tolist() == ["SKIPPED", "SKIPPED", "FAILED"] and second["score"].tolist()[:2] == [0.5, 1.0]
+
+
 def fake_frame():
     import pandas as pd
 

@@ -4,6 +4,7 @@ perplexity, cache bytes; the hybrid's MLA YaRN factor raised per length under ya
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 
@@ -136,6 +137,7 @@ def evaluate_models(settings: DemoSettings, models: dict, world, tracker=None):
             + f" | ppl@{short} {float(ppl[short]):.3f} | {time.perf_counter() - t0:.0f} s (NIAH {t_niah:.0f} s)")
     frame = pd.DataFrame(rows)
     frame.to_csv(settings.folder / "results.csv", index=False)
+    (settings.folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if active is not None:
         active.log_metrics(metrics)
         active.log_artifact(settings.folder / "results.csv", "tables")

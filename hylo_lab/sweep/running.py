@@ -140,8 +140,8 @@ def run_sweep(path, *, jobs: int = 1, dry_run: bool = False, only: dict | None =
         out_dir.mkdir(parents=True, exist_ok=True)
         problem = store_problem(uri)
         if problem:  # run every point anyway: the notebooks' own Trackers go on without logging too
-            print(f"[hylo_lab] MLflow unavailable, the sweep runs without tracking (no finished point can be "
-                  f"skipped, no metrics in the summary): {problem}", file=sys.stderr)
+            print(f"[hylo_lab] MLflow unavailable, the sweep runs without tracking (points resume and report "
+                  f"metrics from the exported files only): {problem}", file=sys.stderr)
         parent = None if problem else _open_parent(sweep, uri)
         return _run_points(sweep, points, parent, uri, out_dir, jobs, kernel_name, echo, executor, points_dir)
 
@@ -212,12 +212,13 @@ def _run_points(sweep: Sweep, points: list[dict], parent, uri: str, out_dir: Pat
         if parent:
             parent.end("KILLED")
         raise
-    if parent is None:
-        rows = []
+    if parent is None:  # the exports hold what the notebooks left in their out_dir (metrics.json, summary.json)
+        exported, rows = read_exports(points_dir), []
         for p in points:
             key = point_key(p)
-            run = from_exports.get(key) or dict(run_id=None, status=results[key]["status"], metrics={},
-                                                tags={"duration_s": f"{results[key]['duration_s']:.1f}"})
+            run = export_as_run(exported[key]) if key in exported else dict(
+                run_id=None, status=results[key]["status"], metrics={},
+                tags={"duration_s": f"{results[key]['duration_s']:.1f}"})
             rows.append(dict(run, tags={**run["tags"], "point_key": key,
                                         "sweep_point": json.dumps(sweep.axis_values(p))}))
         summary = runs_frame(rows, axes, sweep.metrics, newest_first=False)
