@@ -8,7 +8,8 @@
 #
 # Carried: .whl_nb (papermill + ipykernel and their needs as cp312 wheels), .toycache (HYLO_LAB_HOME with the toy
 # world and the teachers already trained, so no teacher is retrained). Environment: TOTAL_S (wall budget for the
-# sweeps, default 540), SWEEPS ("file:jobs ..." default the four ablations), GIT_SHA (the commit the working tree
+# sweeps, default 540), SWEEPS ("file:jobs ..." default the four ablations), SEEDS (e.g. 0 or 1,2: instead of the
+# files' seeds), GIT_SHA (the commit the working tree
 # is, recorded in each export; the machine has no .git).
 set -u
 START=$(date +%s)
@@ -25,17 +26,18 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 export HYLO_LAB_HOME="$PWD/.toycache" HYLO_LAB_PROGRESS=lines HYLO_LAB_GIT_SHA="${GIT_SHA:-}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_nb/*.whl \
   >>"$LOG" 2>&1 || say "wheel install failed"
-export PYTHONPATH="$PWD:/tmp/site" JUPYTER_PATH=/tmp/site/share/jupyter PATH="/tmp/site/bin:$PATH"
+export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH"
 nvidia-smi --query-gpu=name,memory.total --format=csv >>"$LOG" 2>&1
 python3 -c "import papermill, ipykernel, hylo_lab; print('papermill', papermill.__version__)" >>"$LOG" 2>&1 \
   || { say "papermill or hylo_lab not importable"; exit 1; }
-SWEEPS=${SWEEPS:-ablations/layer_ratio.yaml:6 ablations/teacher_size.yaml:3 ablations/training_length.yaml:3 ablations/yarn.yaml:2}
+SWEEPS=${SWEEPS:-ablations/layer_ratio.yaml:7 ablations/teacher_size.yaml:3 ablations/training_length.yaml:3 ablations/yarn.yaml:3}
+SEED_ARGS=(); [ -n "${SEEDS:-}" ] && SEED_ARGS=(--seeds "$SEEDS")
 TOTAL=${TOTAL_S:-540}
 pids=()
 for item in $SWEEPS; do
   file=${item%%:*}; jobs=${item##*:}; name=$(basename "$file" .yaml)
   say "sweep $name with $jobs jobs"
-  timeout --signal=INT --kill-after=20 "$TOTAL" python3 -m hylo_lab.cli sweep "$file" --jobs "$jobs" \
+  timeout --signal=INT --kill-after=20 "$TOTAL" python3 -m hylo_lab.cli sweep "$file" --jobs "$jobs" "${SEED_ARGS[@]}" \
     --tracking-uri "sqlite:////tmp/untracked.db" >"$OUT/$name.log" 2>&1 &
   pids+=($!)
 done
