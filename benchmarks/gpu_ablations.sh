@@ -19,7 +19,9 @@ LOG="$OUT/log.txt"
 say() { echo "[gpu_ablations +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 pack() { find ablations benchmarks -path '*/results/*/points/*.json' -newer "$OUT/started" -print0 \
            | tar -czf "$OUT/points.tar.gz" --null -T -; cp -r runs/sweeps "$OUT/notebooks" 2>/dev/null;
-         find "$OUT/notebooks" -name '*.ipynb' -size +2M -delete 2>/dev/null; }
+         find "$OUT/notebooks" -name '*.ipynb' -size +2M -delete 2>/dev/null
+         find -L .toycache -mindepth 3 -maxdepth 3 -path '*/teachers/*' -newer "$OUT/started" ! -name '*.tmp*' -print0 \
+           | tar -czhf "$OUT/teachers.tar.gz" --null -T -; }  # teachers trained here, for the next call's carry
 touch "$OUT/started"
 trap pack EXIT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
