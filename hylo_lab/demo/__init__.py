@@ -117,8 +117,19 @@ def teacher_check(settings: DemoSettings, world, tracker=None) -> dict:
 
 def distill(settings: DemoSettings, recipe: dict, tracker=None) -> Path:
     """Run the recipe into out_dir/distill (a previous demo's folder there is replaced); returns the final
-    hybrid's folder. Training curves go to the demo's MLflow run."""
+    hybrid's folder. Training curves go to the demo's MLflow run.
+
+    Stage-1 cache (stage_cache.py): points of a sweep that share the first stage (the ild stage of
+    recipes/demo.yaml) train it once. Its key covers the recipe cut to the first stage (without output_dir,
+    tracking and, for ild, the stage-2 teacher), the bytes of the toy world and models it reads, hylo_lab's code
+    outside demo/eval/sweep and the torch / transformers versions and device. A hit copies the stored stage into
+    out_dir/distill and resumes the recipe there (the trainer skips the finished runs, its recipe check unchanged);
+    a miss trains as without a cache, then stores the stage in <toy world root>/stage1/<key>/ (written beside,
+    renamed into place). One line says which; the MLflow run is tagged `stage1` (reused: no stage-1 training
+    curves in it). HYLO_LAB_STAGE1_CACHE=0 turns it off."""
+    from ..distill.stages import recipe_from_dict
     from ..distill.trainer import run_recipe
+    from . import stage_cache
 
     step(settings, "distill")
     out = Path(recipe["output_dir"])
@@ -135,8 +146,13 @@ def distill(settings: DemoSettings, recipe: dict, tracker=None) -> Path:
         stages = {st["name"]: st for st in recipe["stages"]}
         active.log_params({f"recipe.{k}": v for k, v in flatten(dict(stages=stages, student=recipe["student"],
                                                                          data=recipe["data"])).items()})
+    spec = recipe_from_dict(recipe)
+    cache = stage_cache.prepare(spec, out, log)
+    if active is not None and cache:
+        active.set_tags({"stage1": f"reused {cache['hit']}" if cache["hit"] else "trained"})
     with contextlib.redirect_stderr(sys.stdout):  # its [distill] lines are progress, not errors, in the report
-        summary = run_recipe(recipe, tracker=active)
+        summary = run_recipe(recipe, tracker=active, resume=bool(cache.get("hit")))
+    stage_cache.finish(cache, spec, out, log)
     seconds = time.perf_counter() - t0
     log(f"distillation done in {seconds:.0f} s -> {summary['final_model']}")
     if active is not None:
