@@ -154,6 +154,28 @@ def format_interval(row) -> str:
     return f"{row['mean']:.3g} [{row['low']:.3g}, {row['high']:.3g}] n={row['n']}"
 
 
+def markdown_table(aggregates, patterns=None) -> str:
+    """The aggregates as one markdown table: a row per point (its non-seed axes, as observed), a column per metric
+    matching `patterns` (the YAML's `metrics`; fnmatch), cells "mean [low, high]", and the interval and n below."""
+    import fnmatch
+
+    if aggregates.empty:
+        return "no finished point\n"
+    by = [c for c in aggregates.columns if c not in ("metric", "mean", "low", "high", "n", "ci")]
+    metrics = [m for m in dict.fromkeys(aggregates.metric)
+               if not patterns or any(fnmatch.fnmatchcase(m, p) for p in patterns)]
+    cells = {(tuple(r[c] for c in by), r["metric"]): r for r in aggregates.to_dict("records")}
+    points = list(dict.fromkeys(key for key, _ in cells))
+    lines = ["| " + " | ".join(by + metrics) + " |", "|" + "---|" * (len(by) + len(metrics))]
+    for point in points:
+        row = [cells.get((point, m)) for m in metrics]
+        lines.append("| " + " | ".join([str(v) for v in point] + [
+            "" if r is None else f"{r['mean']:.3g}" if r["low"] != r["low"] else
+            f"{r['mean']:.3g} [{r['low']:.3g}, {r['high']:.3g}]" for r in row]) + " |")
+    ns = sorted({int(r["n"]) for r in cells.values()})
+    return "\n".join(lines) + f"\n\nmean over seeds [95% CI]; {aggregates.ci.iloc[0]}; n = {ns} seeds per point\n"
+
+
 def long_form(frame, y: str):
     """(table, y column, x column or None): a pattern y melts its matching metric columns into rows."""
     import pandas as pd
@@ -233,7 +255,7 @@ def figure_name(plot: dict) -> str:
 def compare(sweep, *, tracking_uri: str | None = None, out_dir=None, log: bool = True, paired_points=None,
             from_points: bool = False, points_dir=None):
     """The sweep's points as a DataFrame, and one figure per plot spec, saved as PNG (with runs.csv,
-    aggregates.csv and, for `paired_points` = [(A, B), ...], paired.csv) in `out_dir` (default: results/<name>/
+    aggregates.csv, aggregates.md (markdown_table) and, for `paired_points` = [(A, B), ...], paired.csv) in `out_dir` (default: results/<name>/
     beside the YAML, or ablations/results/<name>/) and logged to the parent run under figures/ and tables/.
     from_points: read the YAML's exported points (or `points_dir`) instead of MLflow. Returns (DataFrame,
     [figures]); frame.attrs holds `aggregates` and `paired` as lists of rows. An unwritable `out_dir` is refused
@@ -265,6 +287,7 @@ def compare(sweep, *, tracking_uri: str | None = None, out_dir=None, log: bool =
             figures.append(fig)
         frame.to_csv(tmp / "runs.csv", index=False)
         aggregates.to_csv(tmp / "aggregates.csv", index=False)
+        (tmp / "aggregates.md").write_text(markdown_table(aggregates, spec.get("metrics")))
         if pairs is not None:
             pairs.to_csv(tmp / "paired.csv", index=False)
     if log:

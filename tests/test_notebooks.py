@@ -193,7 +193,7 @@ def test_notebooks_run_under_papermill_and_log_to_mlflow(lab, subtests):
         assert run["params"]["sweep"] == "nb_upcycle"
         assert run["metrics"]["compare/points"] == 1 and run["metrics"]["compare/finished"] == 1
         assert {p.name for p in (lab["root"] / "compare").iterdir()} == {"init_kl.png", "runs.csv", "aggregates.csv",
-                                                                          "paired.csv"}
+                                                                          "aggregates.md", "paired.csv"}
         shown = json.dumps(nbformat.read(lab["root"] / "05_compare_runs.ipynb", as_version=4).cells)
         for text in ("mean over seeds [95% CI] n", "linear=gdn - linear=gdn, init/kl/hybrid: 0 n=1", "<th>high</th>",
                      "<th>seeds</th>"):

@@ -207,7 +207,7 @@ def test_sweep_end_to_end_parent_children_failure_rerun_and_compare(tmp_path):
     assert frame.point.tolist() == ["x=1", "x=2", "x=3;fail=True"] and frame.run_id.iloc[2] == second.run_id.iloc[2]
     assert len(figures) == 2
     assert {p.name for p in (tmp_path / "results").iterdir()} == {
-        "eval_niah_vs_length_by_x.png", "score_by_x.png", "runs.csv", "aggregates.csv"}
+        "eval_niah_vs_length_by_x.png", "score_by_x.png", "runs.csv", "aggregates.csv", "aggregates.md"}
     logged = {a.path for a in client.list_artifacts(parent_id, "figures")}
     assert logged == {"figures/eval_niah_vs_length_by_x.png", "figures/score_by_x.png"}
     by_name, _ = compare("tiny", tracking_uri=uri, out_dir=tmp_path / "by_name", log=False)
@@ -381,6 +381,17 @@ def test_aggregates_are_means_over_seeds_with_intervals():
     assert row["mean"] == pytest.approx(0.6 + 0.05 / 3) and row["n"] == 3 and row["ci"] == SEED_CI
     assert row["low"] < row["mean"] < row["high"]
     assert set(agg.layout) == {"2MLA2GDN", "3MLA1GDN"}  # the failed point has no finished seed
+
+
+def test_markdown_table_has_a_row_per_point_and_the_chosen_metrics():
+    from hylo_lab.compare import aggregate, markdown_table
+
+    agg = aggregate(fake_frame(), ["layout", "seed"])
+    lines = markdown_table(agg, ["eval/niah/*"]).splitlines()
+    assert lines[0] == "| layout | eval/niah/512 |" and len([x for x in lines if x.startswith("| ")]) == 3
+    row = agg[(agg.layout == "3MLA1GDN") & (agg.metric == "eval/niah/512")].iloc[0]
+    assert lines[3] == f"| 3MLA1GDN | {row['mean']:.3g} [{row['low']:.3g}, {row['high']:.3g}] |"
+    assert "n = [3] seeds per point" in lines[-1]
 
 
 def test_paired_comparison_through_compare_on_a_fake_frame(tmp_path, monkeypatch, capsys):
