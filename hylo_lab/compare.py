@@ -91,9 +91,10 @@ def aggregate(frame, axes, metrics=None):
 
 
 def parse_selector(text: str) -> dict:
-    """"layout=2MLA2GDN;linear=gdn" (or commas) -> {"layout": "2MLA2GDN", "linear": "gdn"}."""
+    """"layout=2MLA2GDN;linear=gdn" (or commas where no ";" is given) -> {"layout": "2MLA2GDN", "linear": "gdn"};
+    with ";" a value may hold commas ("mla_layers=[2, 3]")."""
     out = {}
-    for item in re.split(r"[;,]", text):
+    for item in text.split(";" if ";" in text else ","):
         key, sep, value = item.strip().partition("=")
         if not sep or not key.strip():
             raise SweepError(f"--paired expects KEY=VALUE[;KEY=VALUE...] for each point, got {text!r}")
@@ -107,8 +108,9 @@ def _seed_values(frame, selector: dict, metric: str, text: str) -> dict:
         raise SweepError(f"--paired {text}: {', '.join(missing)} is not a column of the sweep's table; use one of "
                          f"{', '.join(c for c in frame.columns if c not in ('status', 'duration_s', 'run_id'))}")
     rows = _finished(frame)
-    for key, value in selector.items():
-        rows = rows[rows[key].astype(str) == value]
+    for key, value in selector.items():  # None / null also match an axis left unset in a point (NaN)
+        unset = rows[key].isna() if value in ("None", "null") else False
+        rows = rows[(rows[key].astype(str) == value) | unset]
     if rows.empty:
         raise SweepError(f"--paired {text}: no finished point matches")
     seeds = rows["seed"] if "seed" in rows else [0] * len(rows)

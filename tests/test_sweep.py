@@ -394,6 +394,17 @@ def test_markdown_table_has_a_row_per_point_and_the_chosen_metrics():
     assert "n = [3] seeds per point" in lines[-1]
 
 
+def test_paired_selectors_match_unset_axes_and_list_values():
+    from hylo_lab.compare import paired, parse_selector
+
+    assert parse_selector("layout=2MLA2GDN;mla_layers=[2, 3]") == {"layout": "2MLA2GDN", "mla_layers": "[2, 3]"}
+    assert parse_selector("layout=2MLA2GDN,linear=gdn") == {"layout": "2MLA2GDN", "linear": "gdn"}
+    frame = fake_frame()
+    frame["mla_layers"] = [None if layout == "2MLA2GDN" else [2, 3] for layout in frame.layout]
+    out = paired(frame, "layout=2MLA2GDN;mla_layers=None", "layout=3MLA1GDN;mla_layers=[2, 3]", ["eval/niah/512"])
+    assert out["mean"].iloc[0] == pytest.approx(0.1) and out["n"].iloc[0] == 3
+
+
 def test_paired_comparison_through_compare_on_a_fake_frame(tmp_path, monkeypatch, capsys):
     import pandas as pd
 
