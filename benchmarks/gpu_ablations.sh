@@ -32,7 +32,8 @@ export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH"
 nvidia-smi --query-gpu=name,memory.total --format=csv >>"$LOG" 2>&1
 python3 -c "import papermill, ipykernel, hylo_lab; print('papermill', papermill.__version__)" >>"$LOG" 2>&1 \
   || { say "papermill or hylo_lab not importable"; exit 1; }
-SWEEPS=${SWEEPS:-ablations/layer_ratio.yaml:7 ablations/teacher_size.yaml:3 ablations/training_length.yaml:3 ablations/yarn.yaml:3}
+SWEEPS=${SWEEPS:-ablations/layer_ratio.yaml:7 ablations/teacher_size.yaml:3 ablations/training_length.yaml:3
+        ablations/yarn.yaml:3}
 SEED_ARGS=(); [ -n "${SEEDS:-}" ] && SEED_ARGS=(--seeds "$SEEDS")
 TOTAL=${TOTAL_S:-540}
 pids=()

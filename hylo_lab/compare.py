@@ -257,11 +257,12 @@ def figure_name(plot: dict) -> str:
 def compare(sweep, *, tracking_uri: str | None = None, out_dir=None, log: bool = True, paired_points=None,
             from_points: bool = False, points_dir=None):
     """The sweep's points as a DataFrame, and one figure per plot spec, saved as PNG (with runs.csv,
-    aggregates.csv, aggregates.md (markdown_table) and, for `paired_points` = [(A, B), ...], paired.csv) in `out_dir` (default: results/<name>/
-    beside the YAML, or ablations/results/<name>/) and logged to the parent run under figures/ and tables/.
-    from_points: read the YAML's exported points (or `points_dir`) instead of MLflow. Returns (DataFrame,
-    [figures]); frame.attrs holds `aggregates` and `paired` as lists of rows. An unwritable `out_dir` is refused
-    before MLflow is read; the files replace the previous ones only once all are written."""
+    aggregates.csv, aggregates.md (markdown_table) and, for `paired_points` = [(A, B), ...], paired.csv) in
+    `out_dir` (default: results/<name>/ beside the YAML, or ablations/results/<name>/) and logged to the parent
+    run under figures/ and tables/. from_points: read the YAML's exported points (or `points_dir`) instead of
+    MLflow. Returns (DataFrame, [figures]); frame.attrs holds `aggregates` and `paired` as lists of rows. An
+    unwritable `out_dir` is refused before MLflow is read; the files replace the previous ones only once all are
+    written."""
     from .outputs import check_writable, staged
 
     if out_dir is not None:
