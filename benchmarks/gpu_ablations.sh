@@ -6,7 +6,10 @@
 #
 #   run(command="bash benchmarks/gpu_ablations.sh", carry=[".whl_nb", ".toycache"], timeout_s=600)
 #
-# Carried: .whl_nb (papermill + ipykernel and their needs as cp312 wheels), .toycache (HYLO_LAB_HOME with the toy
+# Carried: .whl_nb (papermill + ipykernel and their needs as cp312 wheels, git-ignored: fetch them with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl_nb -r benchmarks/gpu_ablations_wheels.txt), .toycache (HYLO_LAB_HOME with the toy
 # world and the teachers already trained, so no teacher is retrained). Environment: TOTAL_S (wall budget for the
 # sweeps, default 540), SWEEPS ("file:jobs ..." default the four ablations), SEEDS (e.g. 0 or 1,2: instead of the
 # files' seeds), GIT_SHA (the commit the working tree
