@@ -6,7 +6,9 @@
          + ce_weight * CE(student, next tokens)           (the paper: ce_weight = 0)
 with the KL "full" (losses.kd_loss on both T x V logit tensors), "chunked" (losses.fused_linear_kd: KL and CE
 from hidden states in one pass over token blocks, gradients made in forward; the fastest, and ~10% of the
-full logits' memory) or "hidden" (losses.hidden_kd_loss: logit-free vocabulary tiles, the least memory).
+full logits' memory), "hidden" (losses.hidden_kd_loss: logit-free vocabulary tiles, the least memory) or "topk"
+(losses.topk_kd_loss: the teacher as its top-k ids and log-probs per token, teacher_cache.py, optionally read
+from disk so a later epoch runs no teacher forward; forward KL on the teacher's top-k support).
 A stage may first put YaRN on the MLA layers (`apply_yarn`). The teacher may be larger than the base but
 must predict over the same token ids (`check_shared_tokenizer`, run before any weight is loaded).
 """
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from .ild import heldout_kl
-from .losses import fused_linear_kd, hidden_kd_loss, kd_loss, next_token_labels
+from .losses import fused_linear_kd, hidden_kd_loss, kd_loss, next_token_labels, topk_kd_loss
 from .stages import RecipeError, StageSpec
 
 
@@ -27,8 +29,9 @@ class KDStudent(nn.Module):
     """A HyloForCausalLM wrapped for stage 2: forward(input_ids, teacher output, teacher head) -> (loss, parts).
 
     The loss is computed inside forward so DDP / FSDP see one module call (the LM head weight is only
-    whole inside it under FSDP). teacher_out is the teacher's logits [B, T, V] for kl="full", else its
-    final hidden states [B, T, Dt] with its LM-head weight. `heldout=(ids, teacher_hidden, head)` returns
+    whole inside it under FSDP). teacher_out is the teacher's logits [B, T, V] for kl="full", its top-k
+    (ids, logprobs), each [B, T, k], for kl="topk", else its final hidden states [B, T, Dt] with its
+    LM-head weight. `heldout=(ids, teacher_hidden, head)` returns
     ild.heldout_kl instead (evaluation).
     """
 
@@ -53,6 +56,9 @@ class KDStudent(nn.Module):
         hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
         head = self.student.lm_head.weight
         with torch.autocast(input_ids.device.type, enabled=False):
+            if st.kl == "topk":
+                return topk_kd_loss(hidden, head, *teacher_out, labels, kl_weight=st.kl_weight,
+                                    ce_weight=st.ce_weight, temperature=st.temperature, chunk_size=st.kl_chunk_size)
             if st.kl == "chunked":  # KL and CE in one pass: the student's logits are made once
                 return fused_linear_kd(hidden, head, teacher_out, teacher_head_weight, labels,
                                        chunk_size=st.kl_chunk_size, **terms)

@@ -19,6 +19,8 @@ Memory at long context (T x V logits are the problem, method.md section 5):
 - chunked_kl_div / fused_linear_kd: blocks of <= chunk_size tokens x V, loss and gradients in one pass
   (KL and CE together; the fastest; ~3 GiB at V = 128256).
 - hidden_state_kl_div: tiles of token_chunk x vocab_chunk, hand-written backward; never T x V.
+- topk_kd_loss: the teacher as its top-k ids and log-probs per token (teacher_cache.py), the student in
+  blocks of chunk_size tokens x V as fused_linear_kd; forward KL on the teacher's top-k support.
 """
 
 from __future__ import annotations
@@ -592,3 +594,126 @@ def ild_loss(student_layer_out: list[Tensor], teacher_layer_out: list[Tensor],
             total = total + mixer_weight * mixer.sum()
         parts["mixer"] = mixer.detach()
     return total, parts
+
+
+def topk_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_topk_ids: Tensor,
+                 teacher_topk_logprobs: Tensor, labels: Tensor | None = None, *, kl_weight: float = 1.0,
+                 ce_weight: float = 0.0, temperature: float = 1.0, mask: Tensor | None = None,
+                 chunk_size: int = 4096, ignore_index: int = -100) -> tuple[Tensor, dict[str, Tensor]]:
+    """kl_weight * T^2 mean_t KL_t + ce_weight * CE, the teacher given only by its top-k targets (teacher_cache.py).
+
+    KL_t = sum_{v in S_t} q_t(v) (log q_t(v) - log p_s(v)): S_t = teacher_topk_ids[..., t, :], the teacher's k
+    most likely next tokens; teacher_topk_logprobs [..., k] its log softmax(z_t / T) there (the full softmax);
+    q_t = those probabilities renormalised over S_t (softmax of the k log-probs: the teacher's mass outside S_t
+    is dropped, and k = V gives kl_div exactly); log p_s = log softmax(z_s / T) over the whole vocabulary,
+    z_s = h W^T, gathered at S_t. Forward direction only: the teacher's top-k support is all that is known.
+    Logit-free as fused_linear_kd: one pass over blocks of <= chunk_size tokens, the gradient made in forward
+    (d(T^2 KL_t)/dz_s = T (p_s - q_t scattered over V), since sum q_t = 1; of the CE p_s - onehot(label)),
+    nothing T x V held. KL over tokens where mask != 0, CE over labels != ignore_index (kd_loss's conventions).
+    Returns (total, parts) with parts {"kl", "ce"} detached; a term with weight 0 is not computed nor listed.
+    """
+    if kl_weight:
+        _check_kl_args("forward", temperature)
+        if (teacher_topk_ids.shape != teacher_topk_logprobs.shape
+                or teacher_topk_ids.shape[:-1] != student_hidden.shape[:-1]):
+            raise ValueError(f"top-k ids {tuple(teacher_topk_ids.shape)} and log-probs "
+                             f"{tuple(teacher_topk_logprobs.shape)} must both be the student's token shape "
+                             f"{tuple(student_hidden.shape[:-1])} + [k]")
+    if ce_weight and labels is None:
+        raise ValueError("ce_weight > 0 needs labels")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead = student_hidden.shape[:-1]
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n = hs.shape[0]
+    dtype = _compute_dtype(student_hidden, student_head_weight, teacher_topk_logprobs)
+    idx = log_q = kl_rows = y = None
+    if kl_weight:
+        idx = teacher_topk_ids.reshape(n, -1).long()
+        lt = teacher_topk_logprobs.detach().reshape(n, -1).to(dtype)
+        log_q = lt - torch.logsumexp(lt, dim=-1, keepdim=True)
+        if mask is not None:
+            if mask.shape != lead:
+                raise ValueError(f"mask shape {tuple(mask.shape)} != token shape {tuple(lead)}")
+            kl_rows = mask.reshape(-1) != 0
+    if ce_weight:
+        if labels.shape != lead:
+            raise ValueError(f"hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} are not aligned")
+        y = labels.reshape(-1)
+    rows = max(1, min(chunk_size, FUSED_BLOCK_ELEMENTS // student_head_weight.shape[0]))
+    opts = (float(kl_weight), float(ce_weight), float(temperature), rows, ignore_index, dtype)
+    total, kl, ce = _TopKKD.apply(hs, student_head_weight, idx, log_q, kl_rows, y, opts)
+    parts = {}
+    if kl_weight:
+        parts["kl"] = kl
+    if ce_weight:
+        parts["ce"] = ce
+    return total, parts
+
+
+class _TopKKD(torch.autograd.Function):
+    """topk_kd_loss's loss and gradients in one forward; backward only scales the kept gradients."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, idx, log_q, kl_rows, y, opts):
+        kl_weight, ce_weight, temp, rows, ignore_index, dtype = opts
+        n, dev = hs.shape[0], hs.device
+        want_h, want_w = ctx.needs_input_grad[:2]
+        dz_dtype = hs.dtype if _fast_half(hs, ws, dtype) else dtype
+        dhs = torch.zeros(hs.shape, dtype=dtype, device=dev) if want_h else None
+        dws = torch.zeros(ws.shape, dtype=dtype, device=dev) if want_w else None
+        kl_sum = torch.zeros((), dtype=dtype, device=dev)
+        ce_sum = torch.zeros((), dtype=dtype, device=dev)
+        n_kl = (kl_rows.sum() if kl_rows is not None else torch.tensor(n, device=dev)).clamp_min(1).to(dtype)
+        n_ce = (y != ignore_index).sum().clamp_min(1).to(dtype) if ce_weight else None
+        for i0 in range(0, n, rows):
+            i1 = min(i0 + rows, n)
+            zs = _mm(hs[i0:i1], ws.T, dtype)
+            dz = None
+            if kl_weight:
+                ls = torch.log_softmax(zs / temp if temp != 1 else zs, dim=-1)
+                lq, ic = log_q[i0:i1], idx[i0:i1]
+                q = lq.exp()
+                tok = torch.where(q > 0, q * (lq - ls.gather(1, ic)), 0.0).sum(-1)
+                valid = None if kl_rows is None else kl_rows[i0:i1].to(dtype)
+                if valid is not None:
+                    tok = tok * valid
+                kl_sum += tok.sum()
+                if want_h or want_w:
+                    coef = kl_weight * temp / n_kl
+                    dz = ls.exp_().scatter_add_(1, ic, -q).mul_(coef if valid is None else coef * valid[:, None])
+                del ls, q
+            if ce_weight:
+                yc = y[i0:i1]
+                ok = yc != ignore_index
+                lse = torch.logsumexp(zs, dim=-1)
+                picked = zs.gather(1, yc.clamp_min(0)[:, None])[:, 0]
+                ce_sum += ((lse - picked) * ok).sum()
+                if want_h or want_w:
+                    dce = torch.exp(zs - lse[:, None]).mul_((ce_weight / n_ce) * ok.to(dtype)[:, None])
+                    dce.scatter_add_(1, yc.clamp_min(0)[:, None], -(ce_weight / n_ce) * ok.to(dtype)[:, None])
+                    dz = dce if dz is None else dz.add_(dce)
+                    del dce
+            del zs
+            if dz is None:
+                continue
+            dz = dz.to(dz_dtype)
+            if want_h:
+                dhs[i0:i1] = _mm(dz, ws, dtype)
+            if want_w:
+                dws += _mm(dz.T, hs[i0:i1], dtype)
+        kl = kl_sum * (temp**2) / n_kl
+        ce = ce_sum / n_ce if ce_weight else torch.zeros((), dtype=dtype, device=dev)
+        total = (kl_weight * kl if kl_weight else 0) + (ce_weight * ce if ce_weight else 0)
+        total = torch.as_tensor(total, dtype=dtype, device=dev)
+        ctx.save_for_backward(dhs, dws)
+        ctx.dtypes = (hs.dtype, ws.dtype)
+        ctx.mark_non_differentiable(kl, ce)
+        return total, kl, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _kl, _ce):
+        dhs, dws = ctx.saved_tensors
+        out = [None if d is None else (d * grad.to(d.dtype)).to(dt) for d, dt in zip((dhs, dws), ctx.dtypes)]
+        return (*out, None, None, None, None, None)

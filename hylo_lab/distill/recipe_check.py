@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .stages import Recipe
 
 STAGE_KINDS = ("ild", "kd")
-KL_IMPLS = ("full", "chunked", "hidden")
+KL_IMPLS = ("full", "chunked", "hidden", "topk")
 PRECISIONS = ("auto", "bf16", "fp32")
 TEACHER_DTYPES = ("auto", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -204,6 +204,16 @@ def validate(r: Recipe) -> list[str]:
                 errors.append(f"{w}: kl_weight and ce_weight are both 0: nothing to train on")
             _check_number(errors, f"{w}.kl_chunk_size", st.kl_chunk_size, kind=int, low=1)
             _check_number(errors, f"{w}.vocab_chunk_size", st.vocab_chunk_size, kind=int, low=1)
+            if st.kl == "topk":
+                _check_number(errors, f"{w}.teacher_topk", st.teacher_topk, kind=int, low=1)
+                if st.direction != "forward":
+                    errors.append(f"{w}: kl=topk knows the teacher only on its top-k tokens: direction must be "
+                                  f"'forward'")
+                if st.teacher_cache is not None and (not isinstance(st.teacher_cache, str) or not st.teacher_cache
+                                                     or Path(expand(st.teacher_cache)).is_file()):
+                    errors.append(f"{w}: teacher_cache={st.teacher_cache!r} must be a folder (or null: no cache)")
+            elif st.teacher_cache is not None or st.teacher_topk != type(st).teacher_topk:
+                errors.append(f"{w}: teacher_topk and teacher_cache apply to kl=topk only (kl={st.kl!r})")
             if st.yarn is not None:
                 _check_number(errors, f"{w}.yarn.factor", st.yarn.factor, low=1)
                 _check_number(errors, f"{w}.yarn.original_max_position_embeddings",
@@ -211,7 +221,7 @@ def validate(r: Recipe) -> list[str]:
         else:
             kd_only = [k for k in ("yarn", "synthetic_fraction") if getattr(st, k) is not None]
             kd_only += [k for k in ("kl", "direction", "temperature", "kl_weight", "ce_weight", "kl_chunk_size",
-                                    "vocab_chunk_size", "kl_backend")
+                                    "vocab_chunk_size", "kl_backend", "teacher_topk", "teacher_cache")
                         if getattr(st, k) != type(st).__dataclass_fields__[k].default]
             if kd_only:
                 errors.append(f"{w}: {kd_only} apply to kd stages only")

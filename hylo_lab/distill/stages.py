@@ -126,7 +126,7 @@ class StageSpec:
     mixer_weight: float = 1.0  # 0 = plain ILD (layer outputs only)
     squared: bool = False  # ||.||_2^2 instead of ||.||_2
     # kd
-    kl: str = "full"  # full (T x V logits) | chunked (token chunks) | hidden (logit-free tiles)
+    kl: str = "full"  # full (T x V logits) | chunked (token chunks) | hidden (logit-free tiles) | topk
     direction: str = "forward"  # forward = KL(teacher || student) | reverse
     temperature: float = 1.0
     kl_weight: float = 1.0
@@ -134,6 +134,8 @@ class StageSpec:
     kl_chunk_size: int = 4096  # tokens per chunk (chunked, hidden)
     vocab_chunk_size: int = 8192  # vocabulary tile (hidden)
     kl_backend: str = "auto"  # hidden: auto | torch | fla
+    teacher_topk: int = 64  # topk: the teacher's k most likely next tokens per position (losses.topk_kd_loss)
+    teacher_cache: str | None = None  # topk: a folder for those targets, reused by later epochs (teacher_cache.py)
     yarn: YarnSpec | None = None  # applied to the MLA layers before this stage; None keeps the current RoPE
     synthetic_fraction: float | None = None  # None: data.synthetic.fraction
 

@@ -54,6 +54,7 @@ from .preflight import check_data, check_recipe_matches, make_tracker, plan_stud
 from .runs import NonFiniteLoss, Run, RunResult, adamw, batch_layout, finished_result, run_seed, \
     set_activation_checkpointing
 from .stages import Recipe, RecipeError, StageSpec, expand, load_recipe, recipe_from_dict
+from .teacher_cache import TeacherTopKCache, check_topk, teacher_fingerprint, teacher_topk_targets
 
 
 class Distiller:
@@ -75,6 +76,7 @@ class Distiller:
         self.heldout: dict[int, torch.Tensor] = {}
         self.train_sources = None
         self.teachers: dict[str, nn.Module] = {}
+        self.topk_caches: dict[str, TeacherTopKCache] = {}  # kl=topk stages with a teacher_cache, by stage name
         self.results: dict[str, RunResult] = {}
         self.show_overall = overall
         self.overall = None  # progress.Overall over the runs still to train, when shown
@@ -137,6 +139,10 @@ class Distiller:
         except Exception as exc:  # noqa: BLE001 - one clear message
             raise RecipeError(f"cannot load the tokenizer from {tok_path!r}: {exc}") from exc
         check_shared_tokenizer(self.base_path, self.teacher_path, self.tokenizer)
+        if any(st.kind == "kd" and st.kl == "topk" for st in r.stages):
+            from transformers import AutoConfig
+
+            check_topk(r.stages, AutoConfig.from_pretrained(self.teacher_path).vocab_size)
         self.mixers, self.dims, self.k_smart = plan_student(r, self.base_path)
         self.train_sources, self.heldout = check_data(r, self.tokenizer, self.world, t.eval_rows)
 
@@ -318,7 +324,27 @@ class Distiller:
                 self.log(f"{st.name}: YaRN on MLA layers {params}")
             return model
 
-        return self.train_run(st.name, st, start, teacher, ild=False)
+        result = self.train_run(st.name, st, start, teacher, ild=False)
+        cache = self.topk_caches.get(st.name)
+        if cache is not None:
+            self.log(f"{st.name}: teacher top-k cache {cache.root}: {cache.hits} hits, {cache.misses} misses")
+        return result
+
+    def kd_targets(self, st: StageSpec, teacher, ids) -> tuple:
+        """(teacher output, teacher head weight) of a KD step: teacher_kd_targets, or for kl=topk the teacher's
+        top-k (ids, logprobs), read from the stage's teacher_cache when there (no teacher forward then)."""
+        if st.kl != "topk":
+            return teacher_kd_targets(teacher, ids, st.kl)
+
+        def compute():
+            return teacher_topk_targets(teacher, ids, st.teacher_topk, st.temperature, st.kl_chunk_size)
+
+        if st.teacher_cache is None:
+            return compute(), None
+        if st.name not in self.topk_caches:
+            self.topk_caches[st.name] = TeacherTopKCache(expand(st.teacher_cache), teacher_fingerprint(
+                teacher, self.teacher_path), st.teacher_topk, st.temperature)
+        return self.topk_caches[st.name].targets(ids, compute), None
 
     # -- one training run ----------------------------------------------------------------------------------------
 
@@ -356,7 +382,7 @@ class Distiller:
                             if ild:
                                 loss, parts = run.wrapper(teacher_states(teacher, ids))
                             else:
-                                loss, parts = run.wrapper(ids, *teacher_kd_targets(teacher, ids, st.kl))
+                                loss, parts = run.wrapper(ids, *self.kd_targets(st, teacher, ids))
                         loss = self.loss_hook(loss, name, run.step)
                         acc.backward(loss / run.accum)
                     loss_sum += loss.detach().float() / run.accum
