@@ -14,7 +14,7 @@
 (c) step: one whole stage-2 optimizer step as the trainer runs it (kd.KDStudent + teacher_kd_targets:
     teacher forward without autograd, student forward + backward, clip, fused AdamW) against a
     Llama-3.1-8B-shaped teacher, every KL variant ("chunked" = the recipes' default, "hidden", "full").
-(d) profile: the top CUDA kernels and launch counts of one hybrid student step at 8K.
+(d) profile: the top CUDA kernels and launch counts of one student step at 8K (each hybrid and Llama).
 Configurations run in priority order and each is written to OUT/distill_gpu.{json,md} as soon as it is
 measured; out-of-memory and errors are recorded per configuration; none starts after --budget-s.
 
@@ -62,7 +62,7 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.perf_counter()
-        self.results = dict(env=self.env(), losses=[], student=[], step=[], profile=None)
+        self.results = dict(env=self.env(), losses=[], student=[], step=[], profiles={})
         self.models, self._teacher = {}, None
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
@@ -297,7 +297,8 @@ class Bench:
             return "fla" if dispatch.use_fla_chunk("gated_delta", b, p) else "torch chunked"
         if dispatch.use_kernel("mamba_ssm", b, p):
             return "mamba_ssm"
-        return "fla simple_gla" if dispatch.use_fla_chunk("simple_gla", b, p) else "torch chunked"
+        op = dispatch.fla_chunk_choice(("simple_gla", "gla"), b, p)
+        return f"fla {op}" if op else "torch chunked"
 
     # -- (b) student forward + backward --------------------------------------------------------------------------
 
@@ -393,13 +394,13 @@ class Bench:
                 self.sync()
             attr = "device_time_total" if self.cuda else "cpu_time_total"
             ev = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
-            self.results["profile"] = dict(
+            self.results["profiles"][kind] = dict(
                 student=kind, tokens=T, backend=self.backend(kind),
                 top=[dict(name=e.key[:90], calls=e.count, ms=round(getattr(e, attr, 0) / 1000, 2)) for e in ev[:20]],
                 launches=sum(e.count for e in prof.events() if getattr(e, "device_type", None) is not None
                              and str(e.device_type).endswith("CUDA")))
         except Exception as exc:  # noqa: BLE001
-            self.results["profile"] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            self.results["profiles"][kind] = dict(error=f"{type(exc).__name__}: {str(exc)[:200]}")
         self.save()
 
     def add_ratios(self):
@@ -432,7 +433,7 @@ class Bench:
         if only in (None, "step"):
             jobs += [lambda k=k, kl=kl: self.bench_step(k, short, kl) for kl in ("full", "hidden") for k in ("gdn", "llama")]
         if only in (None, "student"):
-            jobs.append(lambda: self.profile("gdn", short))
+            jobs += [lambda k=k: self.profile(k, short) for k in STUDENTS]
             jobs += [lambda k=k: self.bench_student(k, long) for k in STUDENTS]
         if only in (None, "step"):
             jobs += [lambda k=k: self.bench_step(k, mid, "chunked") for k in ("gdn", "llama")]
@@ -484,11 +485,11 @@ def markdown(res: dict) -> str:
         lines += _table(res["hybrid_vs_llama"], [("part", "part"), ("student", "student"), ("tokens", "tokens"),
                                                  ("kl", "kl"), ("tokens/s ratio", "speedup"),
                                                  ("peak memory ratio", "peak_ratio")])
-    prof = res.get("profile")
-    if prof and prof.get("top"):
-        lines += [f"## (d) Profile: {prof['student']} student fwd+bwd at {prof['tokens']} tokens "
-                  f"({prof['backend']}), {prof['launches']} kernel launches", ""]
-        lines += _table(prof["top"], [("op", "name"), ("calls", "calls"), ("ms", "ms")])
+    for prof in res.get("profiles", {}).values():
+        if prof.get("top"):
+            lines += ["", f"## (d) Profile: {prof['student']} student fwd+bwd at {prof['tokens']} tokens "
+                      f"({prof['backend']}), {prof['launches']} kernel launches", ""]
+            lines += _table(prof["top"], [("op", "name"), ("calls", "calls"), ("ms", "ms")])
     return "\n".join(lines)
 
 

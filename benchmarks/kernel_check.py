@@ -5,6 +5,8 @@ Fast paths (what `backend="auto"` / the layers pick on CUDA):
   gdn_recurrent    ops.gated_delta_rule, T = 1  -> fla fused_recurrent_gated_delta_rule (decode)
   ssd_chunk        ops.ssd, T > 1               -> mamba-ssm mamba_chunk_scan_combined if importable, else
                                                    fla chunk_simple_gla (q = C, k = B, v = dt x, g = dt A)
+  ssd_chunk_gla    the same through fla chunk_gla (the head's log decay on every key dim): what ops.ssd trains
+                   with when fla refuses chunk_simple_gla's backward (Hopper, triton < 3.7.1)
   ssd_recurrent    ops.ssd, T = 1               -> mamba-ssm selective_state_update, else fla fused_recurrent_simple_gla
   mla_prefill      layers.attention.prefill_attention: flash attention, GQA heads, bottom-right causal over a
                    cache (past > 0), V padded to the QK dim
@@ -18,7 +20,7 @@ Tolerances (relative L2):       forward / state    gradients
   bfloat16 inputs                 2e-2               5e-2
 Gradients are checked where the fast path has a backward that runs here; fla 0.6 refuses its gated chunk
 backward on Hopper with triton < 3.7.1 without tilelang: that is recorded as "refused", and the model then
-trains on the reference (ops/dispatch.py use_fla_chunk).
+trains on the next kernel whose backward runs, else the reference (ops/dispatch.py fla_chunk_choice).
 
     PYTHONPATH=. python benchmarks/kernel_check.py --out benchmarks/results          # GPU, ~1-2 min
     PYTHONPATH=. python benchmarks/kernel_check.py --smoke --out /tmp/kc             # tiny shapes, CPU
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 
 from hylo_lab.ops import dispatch
 from hylo_lab.ops.gated_delta import chunked_gated_delta_rule, gated_delta_rule
-from hylo_lab.ops.ssd import chunked_ssd, ssd
+from hylo_lab.ops.ssd import _fla_ssd, chunked_ssd, ssd
 
 TOL = {"float32": dict(fwd=2e-3, grad=5e-3), "bfloat16": dict(fwd=2e-2, grad=5e-2)}
 FULL = dict(check_T=1024, bench_T=32768, gdn=(6, 256, 512), ssd=(32, 64, 64), mla_T=2048, mla_past=6144,
@@ -132,7 +134,7 @@ class Checker:
 
     def grads(self, fast, ref, inputs, names, row, fla_op=None):
         """Backward of a random cotangent through fast and ref (float64 copies); fills grad_err/grad_status.
-        fla_op: the fast path is fla's chunk kernel for this op ("gated_delta" | "simple_gla"), whose backward
+        fla_op: the fast path is fla's chunk kernel for this op (dispatch.FLA_CHUNK_OPS), whose backward
         fla refuses on some GPUs: dispatch's rule and probe decide, and a refusal is recorded, not attempted."""
         refused = dispatch.backward_decision(fla_op, str(self.device)) if fla_op else None
         if refused:
@@ -206,10 +208,14 @@ class Checker:
         h0 = torch.randn(1, H, N, P, device=d) * 0.1
         return [t.requires_grad_(grad) for t in (x, dt, A, B, C, h0)]
 
-    def check_ssd(self, T, dtype):
+    def check_ssd(self, T, dtype, gla=False):
         grad = T > 1
         xs = self.ssd_inputs(T, dtype, grad)
-        if dispatch.use_kernel("mamba_ssm", "auto", *xs):
+        if gla:
+            if not dispatch.use_kernel("fla", "auto", *xs):
+                raise RuntimeError("fla does not import here")
+            mode, path = "gla", "fla chunk_gla"
+        elif dispatch.use_kernel("mamba_ssm", "auto", *xs):
             mode, path = "mamba_ssm", "mamba-ssm " + ("mamba_chunk_scan_combined" if T > 1 else "selective_state_update")
         elif dispatch.use_kernel("fla", "auto", *xs):
             mode, path = "fla", "fla " + ("chunk_simple_gla" if T > 1 else "fused_recurrent_simple_gla")
@@ -218,6 +224,8 @@ class Checker:
 
         def fast(*a):
             a = a or xs
+            if mode == "gla":
+                return _fla_ssd(*a[:5], initial_state=a[5], output_final_state=True, gated_keys=True)
             return ssd(*a[:5], initial_state=a[5], backend=mode)
 
         def ref(*a):
@@ -228,11 +236,11 @@ class Checker:
             ry, rs = ref(*[t.detach().double() for t in xs])
         row = dict(path=path, shape=f"T={T} H,N,P={self.s['ssd']}", fwd_err=rel(y, ry), state_err=rel(s, rs))
         if grad:
-            self.grads(fast, ref, xs, ["x", "dt", "A", "B", "C", "h0"], row, fla_op="simple_gla" if mode == "fla" else None)
+            self.grads(fast, ref, xs, ["x", "dt", "A", "B", "C", "h0"], row, fla_op={"fla": "simple_gla", "gla": "gla"}.get(mode))
         Tb = self.s["bench_T"] if T > 1 else 1
         xb = self.ssd_inputs(Tb, dtype)
         with torch.no_grad():
-            row["fast_ms"] = bench(lambda: ssd(*xb[:5], initial_state=xb[5], backend=mode), self.device, self.s["reps"])
+            row["fast_ms"] = bench(lambda: fast(*xb), self.device, self.s["reps"])
             row["ref_ms"] = bench(lambda: ref(*xs), self.device, max(1, min(3, self.s["reps"])))
         row["bench"] = f"fast at T={Tb}, ref at T={T}"
         return row
@@ -367,6 +375,7 @@ class Checker:
             self.run("gdn_chunk", lambda dt: self.check_gdn(T, dt), dtype)
             self.run("gdn_recurrent", lambda dt: self.check_gdn(1, dt), dtype)
             self.run("ssd_chunk", lambda dt: self.check_ssd(T, dt), dtype)
+            self.run("ssd_chunk_gla", lambda dt: self.check_ssd(T, dt, gla=True), dtype)
             self.run("ssd_recurrent", lambda dt: self.check_ssd(1, dt), dtype)
             if dtype == torch.bfloat16:
                 self.run("gdn_torch_train", lambda dt: self.check_torch_training("gdn", dt), dtype)

@@ -175,7 +175,7 @@ def run_hybrid(model, L, args, device, gen):
     row["tpot_s"] = row["tpot_eager_s"]
     if device.type == "cuda" and n_g > 1:
         try:
-            dec = GraphDecoder(model, cache)
+            dec = GraphDecoder(model, cache, compile=args.compile_decode)
             dec.capture(tok)
             sync(device)
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -297,7 +297,8 @@ class Bench:
                     model, model_name = build(name, self.args.smoke, self.device, self.dtype,
                                               self.args.decode_backend), name
                     self.warmup(name, model)
-                row = dict(model=name, length=L, status="ok", decode_backend=self.args.decode_backend)
+                row = dict(model=name, length=L, status="ok", decode_backend=self.args.decode_backend,
+                           compile_decode=self.args.compile_decode)
                 try:
                     fn = run_baseline if name == BASELINE else run_hybrid
                     row.update(fn(model, L, self.args, self.device, gen))
@@ -427,6 +428,8 @@ if __name__ == "__main__":
     p.add_argument("--fresh", action="store_true", help="ignore OUT/long_context.json and start over")
     p.add_argument("--lengths", nargs="*", type=lambda s: int(s[:-1]) * (K if s[-1] in "kK" else K * K)
                    if s[-1] in "kKmM" else int(s), help="only these lengths (8K, 512K, 2M or plain tokens)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="torch.compile the decode step before capturing it in the CUDA graph")
     p.add_argument("--decode-backend", default="auto", choices=("auto", "torch", "triton"),
                    help="MLA decode: the Triton split-K kernel where it can run (auto), or the PyTorch reference")
     a = p.parse_args()

@@ -353,3 +353,44 @@ def test_auto_never_reaches_a_refused_kernel(monkeypatch, fresh_dispatch, op):
         ref, _ = chunked_gated_delta_rule(*inputs)
     close(out, ref, 1e-12)
     out.sum().backward()
+
+
+def test_gla_backward_is_outside_the_known_refusal(monkeypatch, fresh_dispatch):
+    _hopper_with_triton_3_6(monkeypatch, importable=())
+    assert "simple_gla" in dispatch.fla_backward_refused("simple_gla")
+    assert dispatch.fla_backward_refused("gla") is None
+
+
+def test_ssd_trains_through_fla_gla_where_simple_gla_is_refused(monkeypatch, fresh_dispatch, caplog):
+    """Mamba2's SSD prefers fla's simple_gla; where its backward is refused, GLA (the same recurrence with the
+    gate on every key dim) runs, said once; with neither, the PyTorch path and one warning."""
+    import sys
+
+    ssd_mod = sys.modules["hylo_lab.ops.ssd"]
+    fake = lambda name, backend, *t: name == "fla"  # noqa: E731
+    for mod in (dispatch, ssd_mod):
+        monkeypatch.setattr(mod, "use_kernel", fake)
+    monkeypatch.setattr(dispatch, "fla_backward_refused", lambda op: None)
+    refused = {"simple_gla"}
+    monkeypatch.setattr(dispatch, "_probe_backward", lambda op, device: "RuntimeError: no" if op in refused else None)
+    calls = []
+    monkeypatch.setattr(ssd_mod, "_fla_ssd", lambda *a, **kw: calls.append(kw["gated_keys"]) or (a[0], None))
+    inputs, _ = ssd_inputs(T=20)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with caplog.at_level("INFO", logger="hylo_lab.ops"):
+        for _ in range(2):
+            ssd(*leaves, backend="auto")
+        with torch.no_grad():
+            ssd(*leaves, backend="auto")
+    assert calls == [True, True, False]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "fla gla kernel" in lines[0] and "simple_gla refused: RuntimeError: no" in lines[0]
+
+    refused.add("gla")
+    dispatch.backward_decision.cache_clear()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hylo_lab.ops"):
+        out, _ = ssd(*leaves, backend="auto")
+    close(out, chunked_ssd(*inputs)[0], 1e-12)
+    assert len(calls) == 3
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "gla: RuntimeError: no" in caplog.records[0].message

@@ -115,15 +115,57 @@ def chunked_kl_div(student_hidden: Tensor, teacher_hidden: Tensor, student_head_
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_size: int = 4096,
                                ignore_index: int = -100, bias: Tensor | None = None,
-                               final_logit_softcapping: float | None = None) -> Tensor:
-    """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits: fused_linear_kd, CE alone.
+                               final_logit_softcapping: float | None = None, backend: str = "auto") -> Tensor:
+    """cross_entropy(hidden @ weight.T + bias, labels) without the [T, V] logits.
 
-    hidden [..., D], weight [V, D], labels [...] aligned with hidden (the caller shifts).
+    hidden [..., D], weight [V, D], labels [...] aligned with hidden (the caller shifts). backend "auto":
+    Liger-Kernel's fused linear cross-entropy on CUDA where it imports (measured faster and smaller than ours on
+    an H100: 34 vs 51 ms, 2.7 vs 4.7 GiB at 8K tokens, V = 128256; benchmarks/distill_gpu.py), else fused_linear_kd
+    with the CE term alone; "torch": always ours; "liger": Liger or a clear error.
     """
+    if backend not in ("auto", "torch", "liger"):
+        raise ValueError(f"backend={backend!r}; choose one of auto, torch, liger")
+    why = None if backend == "torch" else _liger_mismatch(hidden)
+    if backend == "liger" and why:
+        raise RuntimeError(f"backend='liger' cannot run here: {why}; use backend='auto' or 'torch'")
+    if backend != "torch" and why is None:
+        return _liger_cross_entropy(hidden, weight, labels, ignore_index, bias, final_logit_softcapping)
     total, _ = fused_linear_kd(hidden, weight, labels=labels, kl_weight=0.0, ce_weight=1.0, chunk_size=chunk_size,
                                ignore_index=ignore_index, student_head_bias=bias,
                                final_logit_softcapping=final_logit_softcapping)
     return total
+
+
+@functools.cache
+def _liger_flce():
+    """Liger-Kernel's LigerFusedLinearCrossEntropyLoss, or None where it does not import (CPU installs)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:  # no triton, or a broken one
+        return None
+    return LigerFusedLinearCrossEntropyLoss
+
+
+def _liger_mismatch(hidden: Tensor) -> str | None:
+    if not hidden.is_cuda:
+        return "Liger-Kernel needs CUDA tensors"
+    if hidden.dtype == torch.float64:
+        return "Liger-Kernel's kernels are not for float64"
+    if _liger_flce() is None:
+        return "liger-kernel does not import (pip install liger-kernel)"
+    return None
+
+
+def _liger_cross_entropy(hidden, weight, labels, ignore_index, bias, softcap):
+    """Mean over the labels that are not ignore_index, float32, as ours (0 when every label is ignored)."""
+    if bool((labels == ignore_index).all()):
+        return hidden.sum() * 0.0
+    loss_fn = _liger_flce()(ignore_index=ignore_index, softcap=softcap)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    loss = loss_fn(weight.to(h.dtype), h, labels.reshape(-1), None if bias is None else bias.to(h.dtype))
+    return loss.float()
 
 
 # rows of one [rows, V] float32 block: 2**27 elements = 0.5 GiB (1046 tokens at V = 128256)

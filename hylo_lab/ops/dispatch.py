@@ -9,9 +9,10 @@ backend (config.kernel_backend):
 Packages are imported only here and inside the ops' kernel branches, never at module level.
 
 Per op the backward may still be refused where the forward runs (fla 0.6 on Hopper with triton < 3.7.1):
-`use_fla_chunk(op, ...)` decides for "gated_delta" and "simple_gla" (Mamba2's SSD through fla) separately,
-knows which package fixes which (BACKWARD_FIXED_BY), probes the kernel once, falls back to the PyTorch path
-and logs one line (logger "hylo_lab.ops") saying which path runs and how to get the fast one.
+`fla_chunk_choice(ops, ...)` decides per op ("gated_delta"; "simple_gla" then "gla" for Mamba2's SSD), knows
+which package fixes which refusal (BACKWARD_FIXED_BY), probes each kernel once, takes the first whose backward
+runs, else the PyTorch path, and logs one line (logger "hylo_lab.ops") saying which path runs and how to get
+the fast one.
 """
 
 from __future__ import annotations
@@ -53,13 +54,17 @@ def kernel_available(pkg: str) -> bool:
     return import_error(pkg) is None
 
 
-# The fla chunk kernel behind each trainable op, and the packages that make fla 0.6 run its backward on Hopper
-# with triton >= 3.4, < 3.7.1 (environment.md, measured: tilelang fixes the gated-delta backward, not simple_gla's).
+# The fla chunk kernel behind each trainable op. fla 0.6 refuses the backward of the ops in BACKWARD_FIXED_BY on
+# Hopper with triton >= 3.4, < 3.7.1 (its gated chunk_bwd_dqkwg) unless one of the listed packages imports
+# (environment.md, measured: tilelang fixes the gated-delta backward, not simple_gla's). GLA's chunk backward has
+# its own kernels, outside that refusal: Mamba2's SSD runs there as GLA with the head's gate on every key dim.
 FLA_CHUNK_OPS = {"gated_delta": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
-                 "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla")}
+                 "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
+                 "gla": ("fla.ops.gla", "chunk_gla")}
 BACKWARD_FIXED_BY = {"gated_delta": ("tilelang",), "simple_gla": ()}
 FAST_PATH_HINT = {"gated_delta": "install triton>=3.7.1, or tilelang (pip install 'hylo_lab[gpu]')",
-                  "simple_gla": "install triton>=3.7.1 or mamba-ssm (tilelang does not fix simple_gla)"}
+                  "simple_gla": "install triton>=3.7.1 or mamba-ssm (tilelang does not fix simple_gla)",
+                  "gla": "install triton>=3.7.1 or mamba-ssm"}
 _log = logging.getLogger("hylo_lab.ops")
 _announced: set = set()
 
@@ -89,7 +94,7 @@ def fla_backward_refused(op: str) -> str | None:
     """
     if op not in FLA_CHUNK_OPS:
         raise ValueError(f"unknown op {op!r}; known: {', '.join(FLA_CHUNK_OPS)}")
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+    if op not in BACKWARD_FIXED_BY or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         return None
     version = _triton_version()
     if version is None or not ((3, 4, 0) <= version < (3, 7, 1)):
@@ -107,7 +112,7 @@ def _probe_backward(op: str, device: torch.device) -> str | None:
         fn = getattr(importlib.import_module(module), name)
         q, k, v = (torch.randn(1, 64, 1, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
-        g = -torch.rand(1, 64, 1, device=device).requires_grad_()
+        g = -torch.rand(1, 64, 1, *((64,) if op == "gla" else ()), device=device).requires_grad_()
         kw = dict(q=q, k=k, v=v, g=g)
         if op == "gated_delta":
             kw.update(k=F.normalize(k, dim=-1), beta=torch.rand(1, 64, 1, device=device, dtype=torch.bfloat16))
@@ -127,13 +132,15 @@ def backward_decision(op: str, device: str) -> str | None:
     return fla_backward_refused(op) or _probe_backward(op, torch.device(device))
 
 
-def announce(op: str, what: str, path: str, why: str | None = None) -> None:
-    """Say once per (op, what, path) which implementation runs, and how to get the fast one if not this."""
+def announce(op: str, what: str, path: str, why: str | None = None, instead_of: dict | None = None) -> None:
+    """Say once per (op, what, path) which implementation runs, and how to get the fast one if not this
+    (`why`); `instead_of` {op: reason} names preferred kernels that were refused."""
     if (op, what, path) in _announced:
         return
     _announced.add((op, what, path))
     if why is None:
-        _log.info("%s %s: %s", op, what, path)
+        note = "; ".join(f"{o} refused: {w}" for o, w in (instead_of or {}).items())
+        _log.info("%s %s: %s%s", op, what, path, f" ({note})" if note else "")
     else:
         _log.warning("%s %s: %s (%s); for the fast path: %s", op, what, path, why, FAST_PATH_HINT[op])
 
@@ -142,20 +149,31 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def use_fla_chunk(op: str, backend: str, *tensors) -> bool:
-    """use_kernel("fla") for a chunked (T > 1) op ("gated_delta" | "simple_gla"), except, under "auto", when a
-    backward will be needed and fla cannot run it here: then the PyTorch path (forward and backward) runs
-    instead of a crash in backward. A forced "fla" keeps the kernel (and its error)."""
+def fla_chunk_choice(ops: tuple[str, ...], backend: str, *tensors) -> str | None:
+    """Which of fla's chunk kernels `ops` (in order of preference) a chunked (T > 1) call runs, or None for the
+    PyTorch path. use_kernel("fla") decides first; under "auto", when a backward will be needed, the first op
+    whose fla backward runs here is taken (one line says which, and why the preferred one was not), and
+    None (with a warning naming the fix) when none does, instead of a crash in backward. A forced "fla"
+    keeps the first op (and its error)."""
     if not use_kernel("fla", backend, *tensors):
-        return False
-    if backend == "auto" and needs_grad(*tensors):
-        device = next(str(t.device) for t in tensors if isinstance(t, torch.Tensor))
+        return None
+    if backend != "auto" or not needs_grad(*tensors):
+        return ops[0]
+    device = next(str(t.device) for t in tensors if isinstance(t, torch.Tensor))
+    refused = {}
+    for op in ops:
         why = backward_decision(op, device)
-        if why:
-            announce(op, "backward", "PyTorch chunked path", why)
-            return False
-        announce(op, "backward", "fla kernel")
-    return True
+        if why is None:
+            announce(ops[0], "backward", f"fla {op} kernel", None, refused)
+            return op
+        refused[op] = why
+    announce(ops[0], "backward", "PyTorch chunked path", "; ".join(f"{o}: {w}" for o, w in refused.items()))
+    return None
+
+
+def use_fla_chunk(op: str, backend: str, *tensors) -> bool:
+    """fla_chunk_choice for one op: whether its fla chunk kernel runs (see there)."""
+    return fla_chunk_choice((op,), backend, *tensors) is not None
 
 
 def _all_cuda(tensors) -> bool:

@@ -20,7 +20,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from hylo_lab.ops.dispatch import use_fla_chunk, use_kernel
+from hylo_lab.ops.dispatch import fla_chunk_choice, use_kernel
 
 
 def _acc_dtype(*tensors):
@@ -37,10 +37,13 @@ def ssd(x, dt, A, B, C, *, initial_state=None, output_final_state=True, chunk_si
     if use_kernel("mamba_ssm", backend, *tensors):
         return _mamba_ssm_ssd(x, dt, A, B, C, initial_state=initial_state,
                               output_final_state=output_final_state, chunk_size=chunk_size)
-    fla = use_kernel("fla", backend, *tensors) if x.shape[1] == 1 else use_fla_chunk(
-        "simple_gla", backend, *tensors, initial_state)
+    if x.shape[1] == 1:
+        fla = "simple_gla" if use_kernel("fla", backend, *tensors) else None
+    else:
+        fla = fla_chunk_choice(("simple_gla", "gla"), backend, *tensors, initial_state)
     if fla:
-        return _fla_ssd(x, dt, A, B, C, initial_state=initial_state, output_final_state=output_final_state)
+        return _fla_ssd(x, dt, A, B, C, initial_state=initial_state, output_final_state=output_final_state,
+                        gated_keys=fla == "gla")
     if x.shape[1] == 1:
         return recurrent_ssd(x, dt, A, B, C, initial_state=initial_state, output_final_state=output_final_state)
     return chunked_ssd(x, dt, A, B, C, initial_state=initial_state, output_final_state=output_final_state,
@@ -153,14 +156,20 @@ def _mamba_ssm_ssd(x, dt, A, B, C, *, initial_state, output_final_state, chunk_s
     return res.to(x.dtype), None
 
 
-def _fla_ssd(x, dt, A, B, C, *, initial_state, output_final_state):
+def _fla_ssd(x, dt, A, B, C, *, initial_state, output_final_state, gated_keys=False):
     """fla's simple_gla with q = C, k = B, v = dt x, g = dt A, scale = 1 (its default is K**-0.5); state
-    [B, H, K=N, V=P] unless state_v_first=True, which we pin off. Keywords only."""
+    [B, H, K=N, V=P] unless state_v_first=True, which we pin off. Keywords only. gated_keys: fla's chunk_gla
+    instead, the same recurrence with the head's log decay repeated over the N key dims."""
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
     fn = fused_recurrent_simple_gla if x.shape[1] == 1 else chunk_simple_gla
+    g = dt.float() * A.float()
+    if gated_keys:
+        from fla.ops.gla import chunk_gla as fn
+
+        g = g[..., None].expand(*g.shape, B.shape[-1]).contiguous()
     v = (x.float() * dt.float()[..., None]).to(x.dtype)
-    kwargs = dict(q=C.to(x.dtype), k=B.to(x.dtype), v=v, g=(dt.float() * A.float()), scale=1.0,
+    kwargs = dict(q=C.to(x.dtype), k=B.to(x.dtype), v=v, g=g, scale=1.0,
                   initial_state=None if initial_state is None else initial_state.float().contiguous(),
                   output_final_state=output_final_state)
     if _accepts(fn, "state_v_first"):
