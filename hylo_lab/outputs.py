@@ -3,11 +3,13 @@
     check_writable(out, "--out-dir")           # UserError now, not after an hour of evaluation
     with locked(out, "hylo-lab eval"), staged(out) as tmp:
         ... write under tmp ...                # out keeps the previous results until this block succeeds
+    build_once(cache / key, fill)              # a shared cache entry: built by one writer, whole or absent
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -40,11 +42,7 @@ def staged(final, *, whole: bool = False):
     (created if missing; other entries of `final` stay), or with whole=True it replaces `final` itself. On failure
     it is removed and `final` is untouched."""
     final = Path(final).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the move
+    tmp = _sibling(final)
     try:
         yield tmp
         if whole:
@@ -55,6 +53,50 @@ def staged(final, *, whole: bool = False):
             replace(entry, final / entry.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_once(final, build, *, marker: str = "done.json", finished=None) -> bool:
+    """Build the folder `final` at most once. `build(tmp)` fills a fresh sibling `.<name>.tmp-*` and returns a
+    json-able dict, written last as tmp/marker; one rename then moves tmp to `final`, so a reader sees it whole or
+    not at all. A finished `final` (`finished(final)`, by default: final/marker is a file) is kept, checked before
+    building and again at the rename: the first finished writer wins. A `final` left unfinished (no marker) is
+    replaced. Returns whether this call's folder was moved into place; on an error tmp is removed."""
+    final = Path(final).absolute()
+    finished = finished or (lambda folder: (folder / marker).is_file())
+    if finished(final):
+        return False
+    tmp = _sibling(final)
+    try:
+        info = build(tmp)
+        (tmp / marker).write_text(json.dumps(info, indent=1, default=str))
+        while True:
+            try:
+                os.rename(tmp, final)  # fails on a non-empty final: never over a finished one
+                return True
+            except OSError:
+                if finished(final):
+                    return False
+                if final.exists() or final.is_symlink():
+                    aside = final.with_name(f".{final.name}.unfinished-{os.getpid()}")
+                    try:
+                        os.rename(final, aside)
+                    except FileNotFoundError:  # another writer moved it first
+                        continue
+                    shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink()
+                    continue
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sibling(final: Path) -> Path:
+    """A fresh empty folder `.<name>.tmp-*` beside `final`, with the permissions a plain mkdir would give."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the move
+    return tmp
 
 
 def replace(src: Path, dst: Path) -> None:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..outputs import build_once
 from .toy_corpus import heldout_seed, toy_corpus, vocabulary
 
 TOY_WORLD_VERSION = 1
@@ -391,23 +391,8 @@ def _key(settings: dict) -> str:
 
 
 def _build(final: Path, build_fn, progress: bool) -> None:
-    """Build into a temporary sibling, write done.json last, then move it into place.
-
-    A folder without done.json (a killed build) is removed and rebuilt; if another process finished the
-    same folder first, its result is kept and ours dropped.
-    """
-    if (final / "done.json").exists():
-        return
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    info = build_fn(tmp)
-    (tmp / "done.json").write_text(json.dumps(info, indent=1))
-    if (final / "done.json").exists():
-        shutil.rmtree(tmp)
-        return
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    """outputs.build_once with done.json as the marker: a killed build is rebuilt, the first finished one kept."""
+    build_once(final, build_fn)
 
 
 def first_build_warning(name: str, quick: bool, root: Path) -> str:

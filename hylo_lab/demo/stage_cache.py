@@ -25,8 +25,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from ..outputs import build_once
 
 ENV = "HYLO_LAB_STAGE1_CACHE"
 ENTRY = "entry.json"
@@ -215,12 +216,10 @@ def _repoint(path: Path, old: str, new: str):
 
 
 def store(root: Path, key: str, parts: dict, recipe, out: Path) -> tuple[Path, bool]:
-    """Copy the finished first stage of `out` to root/key: into a temporary sibling, entry.json last, then one
-    rename. Returns (entry, stored); stored is False when another run's entry was there first (kept)."""
-    final = root / key
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
-    try:
+    """Copy the finished first stage of `out` to root/key by outputs.build_once (a temporary sibling, entry.json
+    last, one rename). Returns (entry, stored); stored is False when another run's entry was there first (kept)."""
+
+    def fill(tmp: Path) -> dict:
         names = []
         for name in folders(recipe):
             src = out / name
@@ -231,23 +230,10 @@ def store(root: Path, key: str, parts: dict, recipe, out: Path) -> tuple[Path, b
             else:
                 continue
             names.append(name)
-        info = dict(key=key, folders=names, origin=str(out), stage=recipe.stages[0].name, parts=parts)
-        (tmp / ENTRY).write_text(json.dumps(info, indent=1, default=str))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if lookup(root, key) is not None:
-                return final, False
-            aside = root / f".{key}.invalid-{os.getpid()}"  # not written by store (no entry.json): replace it
-            os.rename(final, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-            os.rename(tmp, final)
-        return final, True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return dict(key=key, folders=names, origin=str(out), stage=recipe.stages[0].name, parts=parts)
+
+    stored = build_once(root / key, fill, marker=ENTRY, finished=lambda entry: lookup(entry.parent, key) is not None)
+    return root / key, stored
 
 
 def prepare(recipe, out: Path, log) -> dict:
