@@ -13,7 +13,10 @@
     weights, at 8K, 32K and 64K tokens; the path each linear op's backward takes (ops/dispatch.py) recorded.
 (c) step: one whole stage-2 optimizer step as the trainer runs it (kd.KDStudent + teacher_kd_targets:
     teacher forward without autograd, student forward + backward, clip, fused AdamW) against a
-    Llama-3.1-8B-shaped teacher, every KL variant ("chunked" = the recipes' default, "hidden", "full").
+    Llama-3.1-8B-shaped teacher, every KL variant ("chunked" = the recipes' default, "hidden", "full"), and
+    kl="topk" (k = 64) twice: "topk" runs the teacher forward and takes its top-k each step (an epoch's first
+    pass), "topk-cache" reads them from a teacher_cache file written before timing (every later epoch; the
+    file's MiB recorded): the pair shows what the cache saves per step.
 (d) profile: the top CUDA kernels and launch counts of one student step at 8K (each hybrid and Llama).
 Configurations run in priority order and each is written to OUT/distill_gpu.{json,md} as soon as it is
 measured; out-of-memory and errors are recorded per configuration; none starts after --budget-s.
@@ -29,7 +32,9 @@ import gc
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -332,7 +337,7 @@ class Bench:
     # -- (c) a whole stage-2 step --------------------------------------------------------------------------------
 
     def bench_step(self, kind, T, kl):
-        from hylo_lab.distill.kd import KDStudent, teacher_kd_targets
+        from hylo_lab.distill.kd import KDStudent
         from hylo_lab.distill.stages import StageSpec
 
         s = self.shape
@@ -348,16 +353,18 @@ class Bench:
         except torch.cuda.OutOfMemoryError:
             row["status"] = "OOM building"
             return self.log("step", row)
-        stage = StageSpec(name="bench", kind="kd", seq_len=T, steps=1, kl=kl, kl_chunk_size=s["kl_chunk"],
-                          vocab_chunk_size=s["vocab_chunk"])
+        stage = StageSpec(name="bench", kind="kd", seq_len=T, steps=1, kl="topk" if kl.startswith("topk") else kl,
+                          kl_chunk_size=s["kl_chunk"], vocab_chunk_size=s["vocab_chunk"])
         wrapper = KDStudent(student, stage)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=self.cuda)
         ids = torch.randint(0, s["vocab"], (1, T), device=self.device,
                             generator=torch.Generator(device=self.device).manual_seed(T))
 
+        targets, cache_dir = self.step_targets(teacher, ids, kl, stage, row)
+
         def step():
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                t_out, t_head = teacher_kd_targets(teacher, ids, kl)
+                t_out, t_head = targets()
                 loss, _ = wrapper(ids, t_out, t_head)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -370,8 +377,38 @@ class Bench:
             row.update(tokens_per_s=round(T / (row["ms"] / 1000), 1), loss=float(loss))
         optimizer.zero_grad(set_to_none=True)
         del optimizer, wrapper
+        if cache_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
         self.clean()
         self.log("step", row)
+
+    def step_targets(self, teacher, ids, kl, stage, row):
+        """(the teacher side of a step, the cache folder to remove or None): teacher_kd_targets; for "topk" the
+        teacher forward and its top-k; for "topk-cache" a read of the file written here once before timing."""
+        from hylo_lab.distill.kd import teacher_kd_targets
+        from hylo_lab.distill.teacher_cache import TeacherTopKCache, teacher_topk_targets
+
+        def topk():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return teacher_topk_targets(teacher, ids, stage.teacher_topk, stage.temperature, stage.kl_chunk_size)
+
+        if kl.startswith("topk"):
+            row["k"] = stage.teacher_topk
+        if kl == "topk":
+            return lambda: (topk(), None), None
+        if kl != "topk-cache":
+            return lambda: teacher_kd_targets(teacher, ids, kl), None
+        folder = tempfile.mkdtemp(prefix=".topk-cache-", dir=self.out)
+        cache = TeacherTopKCache(folder, "bench", stage.teacher_topk, stage.temperature)
+        row["cache_mib"] = round(cache.store(ids, *topk()).stat().st_size / 2**20, 2)
+
+        def read():
+            found = cache.load(ids)
+            if found is None:
+                raise RuntimeError("the top-k cache file did not read back")
+            return found, None
+
+        return read, folder
 
     # -- (d) where the time goes ---------------------------------------------------------------------------------
 
@@ -432,6 +469,7 @@ class Bench:
             jobs += [lambda k=k: self.bench_student(k, mid) for k in STUDENTS]
         if only in (None, "step"):
             jobs += [lambda k=k, kl=kl: self.bench_step(k, short, kl) for kl in ("full", "hidden") for k in ("gdn", "llama")]
+            jobs += [lambda kl=kl: self.bench_step("gdn", short, kl) for kl in ("topk", "topk-cache")]
         if only in (None, "student"):
             jobs += [lambda k=k: self.profile(k, short) for k in STUDENTS]
             jobs += [lambda k=k: self.bench_student(k, long) for k in STUDENTS]
@@ -478,7 +516,7 @@ def markdown(res: dict) -> str:
         lines += _table(res["step"], [("student", "student"), ("tokens", "tokens"), ("kl", "kl"),
                                       ("status", "status"), ("tokens/s", "tokens_per_s"), ("ms", "ms"),
                                       ("peak GiB", "peak_gib"), ("extra GiB", "extra_gib"),
-                                      ("linear backward", "backend")])
+                                      ("linear backward", "backend"), ("top-k", "k"), ("cache MiB", "cache_mib")])
     if res.get("hybrid_vs_llama"):
         lines += ["Hybrid / Llama student (goals: fwd+bwd >= 1.0x at 8K, 1.4x at 32K, 1.8x at 64K; KD step >= 1.0x "
                   "at 8K):", ""]
