@@ -147,18 +147,20 @@ def _mean(values: dict, seeds) -> float:
     return sum(values[s] for s in seeds) / len(seeds) if seeds else float("nan")
 
 
-def format_interval(row) -> str:
-    """"0.61 [0.52, 0.70] n=3"."""
+def format_interval(row, n: bool = True) -> str:
+    """"0.61 [0.52, 0.70] n=3" ("0.61 [0.52, 0.70]" with n=False); one seed has no interval ("0.61 n=1"), no seed
+    no mean ("n=0")."""
     if row["n"] == 0:
         return "n=0"
-    if row["low"] != row["low"]:
-        return f"{row['mean']:.3g} n={row['n']}"
-    return f"{row['mean']:.3g} [{row['low']:.3g}, {row['high']:.3g}] n={row['n']}"
+    text = f"{row['mean']:.3g}" if row["low"] != row["low"] else \
+        f"{row['mean']:.3g} [{row['low']:.3g}, {row['high']:.3g}]"
+    return f"{text} n={row['n']}" if n else text
 
 
 def markdown_table(aggregates, patterns=None) -> str:
     """The aggregates as one markdown table: a row per point (its non-seed axes, as observed), a column per metric
-    matching `patterns` (the YAML's `metrics`; fnmatch), cells "mean [low, high]", and the interval and n below."""
+    matching `patterns` (the YAML's `metrics`; fnmatch), cells "mean [low, high]" (format_interval; "n=0" where no seed
+    has a value), and the interval and n below."""
     import fnmatch
 
     if aggregates.empty:
@@ -171,9 +173,8 @@ def markdown_table(aggregates, patterns=None) -> str:
     lines = ["| " + " | ".join(by + metrics) + " |", "|" + "---|" * (len(by) + len(metrics))]
     for point in points:
         row = [cells.get((point, m)) for m in metrics]
-        lines.append("| " + " | ".join([str(v) for v in point] + [
-            "" if r is None else f"{r['mean']:.3g}" if r["low"] != r["low"] else
-            f"{r['mean']:.3g} [{r['low']:.3g}, {r['high']:.3g}]" for r in row]) + " |")
+        lines.append("| " + " | ".join([str(v) for v in point] +
+                                       ["" if r is None else format_interval(r, n=False) for r in row]) + " |")
     ns = sorted({int(r["n"]) for r in cells.values()})
     return "\n".join(lines) + f"\n\nmean over seeds [95% CI]; {aggregates.ci.iloc[0]}; n = {ns} seeds per point\n"
 

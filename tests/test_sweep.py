@@ -394,6 +394,15 @@ def test_markdown_table_has_a_row_per_point_and_the_chosen_metrics():
     assert "n = [3] seeds per point" in lines[-1]
 
 
+def test_markdown_table_marks_a_metric_without_any_seed_value():
+    from hylo_lab.compare import aggregate, markdown_table
+
+    frame = fake_frame()
+    frame.loc[frame.layout == "2MLA2GDN", "eval/ppl/256"] = float("nan")
+    lines = markdown_table(aggregate(frame, ["layout", "seed"])).splitlines()
+    assert lines[2].startswith("| 2MLA2GDN | ") and lines[2].endswith(" | n=0 |")
+
+
 def test_paired_selectors_match_unset_axes_and_list_values():
     from hylo_lab.compare import paired, parse_selector
 
