@@ -1,4 +1,4 @@
-"""The teacher's top-k next-token targets, computed once per batch and kept on disk for later epochs (kl="topk").
+"""The teacher's top-k next-token targets (kl="topk"), computed once per batch and kept on disk for later passes.
 
     <root>/<key[:2]>/<key>.safetensors    ids int32 [B, T, k], logprobs float16 [B, T, k]
 key = sha256(VERSION, teacher fingerprint, k, temperature, the batch's token ids: dtype, shape and bytes)
@@ -10,7 +10,8 @@ whole vocabulary at those ids, rounded to float16 whether read or computed, so a
 A file is written beside its final name and renamed over it, so it is whole or absent; one that does not load, or
 whose key, shapes or dtypes are not this batch's, is a miss and is rewritten. A hit skips the teacher forward.
 When it wins: a batch costs B * T * k * (4 + 2) bytes on disk (64 MiB at B = 8, T = 8192, k = 128) and saves one
-teacher forward per step on every epoch after the first; the first epoch pays the write.
+teacher forward per step on every pass over the same batches after the first (same seed, data, seq_len and
+micro-batch rows: a rerun or a sweep over student settings); the first pass pays the write.
 """
 
 from __future__ import annotations
