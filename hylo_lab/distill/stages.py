@@ -354,18 +354,9 @@ def recipe_from_dict(raw: dict, *, source_file: str | None = None) -> Recipe:
 
 def read_recipe(path, overrides: dict | str | None = None) -> dict:
     """A recipe YAML as a plain dict with `overrides` applied (not validated: recipe_from_dict does that)."""
-    import yaml
+    from ..errors import read_yaml_mapping
 
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    return apply_overrides(raw, overrides)
+    return apply_overrides(read_yaml_mapping(path, "recipe file", RecipeError), overrides)
 
 
 def load_recipe(path, overrides: dict | str | None = None) -> Recipe:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, read_yaml_mapping
 
 
 TOP_LEVEL_KEYS = ("name", "notebook", "experiment", "description", "paper_finding", "fixed", "grid", "include",
@@ -223,17 +223,8 @@ def load_sweep(path, *, declared: dict[str, Param] | None = None, seeds: list[in
     """Read and validate a sweep file; raises SweepError listing every problem. `declared` stands in for the
     notebook's parameters (tests of sweep files whose notebook is not written yet); `seeds` replaces the file's
     `seeds` (the command line's --seeds)."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: no such sweep file")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
-    if not isinstance(spec, dict):
-        raise SweepError(f"{path}: a sweep file is a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    spec = read_yaml_mapping(path, "sweep file", SweepError, TOP_LEVEL_KEYS)
 
     problems = []
     for key in spec:
@@ -360,13 +351,6 @@ def check_recipe_fields(sweep: Sweep, points: list[dict]) -> None:
     if problems:
         raise SweepError(f"{sweep.path}: {len(problems)} point{'s' if len(problems) > 1 else ''} the notebook would "
                          f"refuse:\n  - " + "\n  - ".join(problems))
-
-
-def _yaml_problem(exc) -> str:
-    """A YAML parse error in one line: "line 2, column 7: expected ',' or ']', but got ':'"."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + " ".join(str(getattr(exc, "problem", None) or exc).split())
 
 
 def _check_plots(plots, axes, problems) -> list[dict]:
