@@ -52,7 +52,7 @@ def test_normalise_strips_specifiers_extras_and_spelling():
 def test_environment_yml_lists_exactly_the_pyproject_dependencies():
     expected = pyproject_names()
     assert "torch" in expected, "torch belongs in pyproject's core dependencies"
-    assert {"flash-linear-attention", "fla-core", "mamba-ssm"} <= expected  # the gpu group
+    assert {"flash-linear-attention", "fla-core", "tilelang", "liger-kernel", "mamba-ssm"} <= expected  # gpu
     pip_list = environment_pip_list()
     editable = [r for r in pip_list if r.startswith("-e")]
     assert [r.split(maxsplit=1)[1] for r in editable] == ["."], "environment.yml must install `-e .`"
