@@ -10,7 +10,7 @@
 #   WHEEL_DIR (wheels, default .whl) and Z3=1 (tilelang's z3 from .whl_z3 too);
 #   TCACHE: a tcache.tar.gz from an earlier call's $OUT (triton's compiled kernels and autotune results: saves the
 #     minutes fla autotunes); this call's cache is packed back into $OUT/tcache.tar.gz.
-#   DISTILL_ONLY (losses | student | step), KERNEL_CHECKS (comma-separated), LC_LENGTHS (default "8K 128K 512K"),
+#   DISTILL_ONLY (losses | student | step), DISTILL_S (its wall budget; default: what is left), KERNEL_CHECKS (comma-separated), LC_LENGTHS (default "8K 128K 512K"),
 #   LC_COMPILE=1 (also the decode step under torch.compile).
 set -u
 START=$(date +%s)
@@ -75,6 +75,7 @@ step_kernels() {
 }
 step_distill() {
   LEFT=$(( TOTAL - ($(date +%s) - START) ))
+  [ -n "${DISTILL_S:-}" ] && [ "$DISTILL_S" -lt "$LEFT" ] && LEFT=$DISTILL_S
   if [ "$LEFT" -gt 60 ]; then
     say "distill_gpu (budget $(( LEFT - 25 ))s)"
     timeout $(( LEFT - 10 )) python3 benchmarks/distill_gpu.py --out "$R" --budget-s $(( LEFT - 25 )) \
