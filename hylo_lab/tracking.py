@@ -390,7 +390,8 @@ def find_runs(experiment: str | None = None, filter_string: str = "", *, trackin
         raise TrackingUnavailable(problem)
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    with store_creation(uri):  # a store another process is creating: wait, don't migrate it a second time
+        client = mlflow.MlflowClient(tracking_uri=uri)
     if experiment is None:
         experiments, token = [], None
         while True:
