@@ -97,7 +97,8 @@ def test_default_cache_generation_matches_static_decode():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_equals_eager():
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decode_equals_eager(compile):
     model = tiny_model(dtype=torch.float32, device="cuda")
     ids = torch.randint(0, model.config.vocab_size, (1, 50), device="cuda")
     eager_cache = allocate_cache(model, 1, 64)
@@ -105,7 +106,7 @@ def test_cuda_graph_decode_equals_eager():
     eager = greedy_decode(model, first, eager_cache, 8)
     graph_cache = allocate_cache(model, 1, 64)
     chunked_prefill(model, ids, graph_cache, chunk_size=16)
-    assert torch.equal(GraphDecoder(model, graph_cache).generate(first, 8), eager)
+    assert torch.equal(GraphDecoder(model, graph_cache, compile=compile).generate(first, 8), eager)
 
 
 def test_benchmark_smoke_modes_run(tmp_path):
