@@ -15,11 +15,11 @@
 set -u
 START=$(date +%s)
 OUT=${OUT:-/tmp/gpu_out}
-R="$OUT/results"
-mkdir -p "$R"
+R=/tmp/gpu_work/results  # packed into $OUT/results.tar.gz at exit: $OUT then holds three files
+mkdir -p "$R" "$OUT"
 LOG="$OUT/log.txt"
 say() { echo "[gpu_session +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
-pack() { tar -czf "$OUT/results.tar.gz" -C "$OUT" results; }
+pack() { cp "$LOG" "$R/"; tar -czf "$OUT/results.tar.gz" -C /tmp/gpu_work results; }
 pack_cache() { [ -d /tmp/tcache ] && tar -czf "$OUT/tcache.tar.gz" -C /tmp tcache && \
   [ "$(stat -c %s "$OUT/tcache.tar.gz")" -lt 16000000 ] || rm -f "$OUT/tcache.tar.gz"; }
 trap 'pack; pack_cache' EXIT
@@ -45,31 +45,34 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >>"$LOG" 2>&
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >>"$LOG" 2>&1
 STEPS=${STEPS:-tests decode long kernels distill}
 TOTAL=${TOTAL_S:-570}
+left() { echo $(( TOTAL - ($(date +%s) - START) - 15 )); }  # seconds a step may still take
+cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
 
 step_tests() {
   say "GPU parity tests"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_mla_decode.py tests/test_losses.py \
+  timeout $(cap 150) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_mla_decode.py tests/test_losses.py \
     tests/test_long_context.py tests/test_upcycle.py >"$R/pytest_gpu.txt" 2>&1; say "pytest exit $?"
 }
 step_decode() {
   say "mla_decode_check"
-  timeout 90 python3 benchmarks/mla_decode_check.py --out "$R" >>"$LOG" 2>&1 || say "mla_decode_check exit $?"
+  timeout $(cap 90) python3 benchmarks/mla_decode_check.py --out "$R" >>"$LOG" 2>&1 || say "mla_decode_check exit $?"
 }
 step_long() {
   say "long_context 1B hybrids, triton MLA decode"
-  timeout 110 python3 benchmarks/long_context.py --out "$R/lc" --fresh --budget-s 95 \
+  T=$(cap 110); timeout $T python3 benchmarks/long_context.py --out "$R/lc" --fresh --budget-s $(( T - 15 )) \
     --models llama3.2-1b/4MLA12GDN llama3.2-1b/4MLA12M2 --lengths ${LC_LENGTHS:-8K 128K 512K} >>"$LOG" 2>&1 \
     || say "long_context exit $?"
   if [ "${LC_COMPILE:-0}" = 1 ]; then
     say "long_context 1B hybrids, decode step under torch.compile"
-    timeout 150 python3 benchmarks/long_context.py --out "$R/lcc" --fresh --budget-s 130 --compile-decode \
+    T=$(cap 150); timeout $T python3 benchmarks/long_context.py --out "$R/lcc" --fresh --budget-s $(( T - 20 )) \
+      --compile-decode \
       --models llama3.2-1b/4MLA12GDN llama3.2-1b/4MLA12M2 --lengths ${LC_LENGTHS:-8K 128K 512K} >>"$LOG" 2>&1 \
       || say "long_context compile exit $?"
   fi
 }
 step_kernels() {
   say "kernel_check"
-  timeout ${KERNEL_S:-120} python3 benchmarks/kernel_check.py --out "$R" \
+  timeout $(cap ${KERNEL_S:-120}) python3 benchmarks/kernel_check.py --out "$R" \
     --checks ${KERNEL_CHECKS:-gdn_chunk,ssd_chunk,ssd_chunk_gla,gdn_recurrent,ssd_recurrent} >>"$LOG" 2>&1 \
     || say "kernel_check exit $?"
 }
@@ -84,6 +87,8 @@ step_distill() {
     say "no time left for distill_gpu"
   fi
 }
-for s in $STEPS; do "step_$s"; done
+for s in $STEPS; do
+  if [ "$(left)" -gt 30 ]; then "step_$s"; else say "no time left for $s"; fi
+done
 say "done"
 cp "$LOG" "$R/"
