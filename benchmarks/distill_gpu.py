@@ -68,6 +68,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.t0 = time.perf_counter()
         self.results = dict(env=self.env(), losses=[], student=[], step=[], profiles={})
+        self.note("environment recorded (fla backward probes included)")
         self.models, self._teacher = {}, None
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
@@ -127,9 +128,11 @@ class Bench:
         before = self.allocated()
         out = None
         try:
+            self.note(f"warming up {row} (first calls compile and autotune kernels)")
             for _ in range(self.shape["warmup"]):
                 out = fn()
             self.sync()
+            self.note("warm")
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
@@ -157,6 +160,10 @@ class Bench:
             tmp = self.out / (name + ".tmp")
             tmp.write_text(text)
             tmp.replace(self.out / name)
+
+    def note(self, text):
+        """A progress line on stderr with the seconds since start: where a run's time went, also when it is cut."""
+        print(f"[+{self.elapsed():.0f}s] {text}", file=sys.stderr, flush=True)
 
     def log(self, part, row):
         print(f"[{part}] " + json.dumps(row), file=sys.stderr, flush=True)

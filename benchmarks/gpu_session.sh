@@ -8,8 +8,8 @@
 #   SITE_TAR: one .tar.xz of an unpacked site-packages (fla + fla-core + liger-kernel + tilelang with its deps and
 #     z3's library: 39 MB, how to build it in benchmarks/gpu_site.txt), unpacked to /tmp/site, or
 #   WHEEL_DIR (wheels, default .whl) and Z3=1 (tilelang's z3 from .whl_z3 too);
-#   TCACHE: a tcache.tar.gz from an earlier call's $OUT (triton's compiled kernels and autotune results: saves the
-#     minutes fla autotunes); this call's cache is packed back into $OUT/tcache.tar.gz.
+#   TCACHE: a tcache.tar.gz from an earlier call's $OUT (triton's autotune results: saves the minutes fla
+#     autotunes, which on 2026-12-06 took more than 100 s of every fresh process); packed back into $OUT each call.
 #   DISTILL_ONLY (losses | student | step), DISTILL_S (its wall budget; default: what is left), KERNEL_CHECKS (comma-separated), LC_LENGTHS (default "8K 128K 512K"),
 #   LC_COMPILE=1 (also the decode step under torch.compile).
 set -u
@@ -20,8 +20,10 @@ mkdir -p "$R" "$OUT"
 LOG="$OUT/log.txt"
 say() { echo "[gpu_session +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 pack() { cp "$LOG" "$R/"; tar -czf "$OUT/results.tar.gz" -C /tmp/gpu_work results; }
-pack_cache() { [ -d /tmp/tcache ] && tar -czf "$OUT/tcache.tar.gz" -C /tmp tcache && \
-  [ "$(stat -c %s "$OUT/tcache.tar.gz")" -lt 16000000 ] || rm -f "$OUT/tcache.tar.gz"; }
+pack_cache() {  # triton's autotune results only (kilobytes; the compiled kernels are tens of MB): a later call
+  # restored from them compiles each kernel's chosen config once instead of benchmarking every config again
+  [ -d /tmp/tcache ] && (cd /tmp && find tcache -name '*.autotune.json' | tar -czf "$OUT/tcache.tar.gz" -T -) \
+    && [ "$(stat -c %s "$OUT/tcache.tar.gz")" -lt 16000000 ] || rm -f "$OUT/tcache.tar.gz"; }
 trap 'pack; pack_cache' EXIT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRITON_CACHE_DIR=/tmp/tcache
