@@ -260,6 +260,26 @@ def test_kd_losses_agree_whatever_the_kl_implementation(world, kl):
     assert losses["full"][2] == pytest.approx(ce.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("kl", ["full", "chunked"])
+def test_a_cross_entropy_only_stage_runs_no_teacher_forward(world, kl, monkeypatch):
+    """kl_weight 0: the trainer asks the teacher for nothing and the loss is ce_weight x the shifted CE."""
+    from conftest import tiny_config
+
+    from hylo_lab.distill import trainer
+
+    torch.manual_seed(0)
+    student = HyloForCausalLM(tiny_config(["mla", "gdn"], vocab_size=384))
+    ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    st = StageSpec(name="kd", kind="kd", seq_len=24, steps=1, kl=kl, kl_weight=0.0, ce_weight=0.5, kl_chunk_size=7)
+    monkeypatch.setattr(trainer, "teacher_kd_targets", lambda *a: pytest.fail("teacher forward at kl_weight 0"))
+    targets = trainer.Distiller.kd_targets(None, st, teacher=None, ids=ids)
+    assert targets == (None, None)
+    loss, parts = KDStudent(student, st)(ids, *targets)
+    assert set(parts) == {"ce"}
+    ce = student(ids, labels=ids).loss  # transformers-style shifted CE
+    assert loss.item() == pytest.approx(0.5 * ce.item(), rel=1e-5)
+
+
 def test_chunked_cross_entropy_equals_plain():
     h = torch.randn(3, 10, 8, requires_grad=True)
     w = torch.randn(30, 8, requires_grad=True)

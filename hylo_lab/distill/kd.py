@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .ild import heldout_kl
-from .losses import fused_linear_kd, hidden_kd_loss, kd_loss, next_token_labels, topk_kd_loss
+from .losses import fused_linear_cross_entropy, fused_linear_kd, hidden_kd_loss, kd_loss, next_token_labels, \
+    topk_kd_loss
 from .stages import RecipeError, StageSpec
 
 
@@ -47,6 +48,12 @@ class KDStudent(nn.Module):
             return heldout_kl(self.student, *heldout)
         st = self.stage
         labels = next_token_labels(input_ids)
+        if not st.kl_weight:  # cross-entropy only: no teacher output is needed (the trainer skips its forward)
+            hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            with torch.autocast(input_ids.device.type, enabled=False):
+                ce = fused_linear_cross_entropy(hidden, self.student.lm_head.weight, labels,
+                                                chunk_size=st.kl_chunk_size)
+            return st.ce_weight * ce, {"ce": ce.detach()}
         terms = dict(kl_weight=st.kl_weight, ce_weight=st.ce_weight, direction=st.direction,
                      temperature=st.temperature)
         if st.kl == "full":

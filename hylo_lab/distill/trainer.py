@@ -332,7 +332,10 @@ class Distiller:
 
     def kd_targets(self, st: StageSpec, teacher, ids) -> tuple:
         """(teacher output, teacher head weight) of a KD step: teacher_kd_targets, or for kl=topk the teacher's
-        top-k (ids, logprobs), read from the stage's teacher_cache when there (no teacher forward then)."""
+        top-k (ids, logprobs), read from the stage's teacher_cache when there (no teacher forward then); at
+        kl_weight 0 (cross-entropy only) nothing, and no teacher forward."""
+        if not st.kl_weight:
+            return None, None
         if st.kl != "topk":
             return teacher_kd_targets(teacher, ids, st.kl)
 
