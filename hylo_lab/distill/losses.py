@@ -205,33 +205,36 @@ def fused_linear_kd(student_hidden: Tensor, student_head_weight: Tensor, teacher
         raise ValueError("ce_weight > 0 needs labels")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    lead = student_hidden.shape[:-1]
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     n = hs.shape[0]
-    ht = wt = bt = kl_rows = y = None
+    ht = wt = bt = None
     if kl_weight:
         ht = teacher_hidden.detach().reshape(n, -1)
         wt = teacher_head_weight.detach()
         bt = None if teacher_head_bias is None else teacher_head_bias.detach()
-        if mask is not None:
-            if mask.shape != lead:
-                raise ValueError(f"mask shape {tuple(mask.shape)} != token shape {tuple(lead)}")
-            kl_rows = (mask.reshape(-1) != 0)
-    if ce_weight:
-        if labels.shape != lead:
-            raise ValueError(f"hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} are not aligned")
-        y = labels.reshape(-1)
+    kl_rows, y = _token_rows(student_hidden, mask if kl_weight else None, labels if ce_weight else None)
     dtype = _compute_dtype(student_hidden, teacher_hidden, student_head_weight, teacher_head_weight)
     rows = max(1, min(chunk_size, FUSED_BLOCK_ELEMENTS // student_head_weight.shape[0]))
     opts = (float(kl_weight), float(ce_weight), direction == "reverse", float(temperature), rows,
             final_logit_softcapping or None, ignore_index, dtype)
     total, kl, ce = _FusedLinearKD.apply(hs, student_head_weight, student_head_bias, ht, wt, bt, kl_rows, y, opts)
-    parts = {}
-    if kl_weight:
-        parts["kl"] = kl
-    if ce_weight:
-        parts["ce"] = ce
-    return total, parts
+    return total, {name: v for name, v, w in (("kl", kl, kl_weight), ("ce", ce, ce_weight)) if w}
+
+
+def _token_rows(student_hidden: Tensor, mask: Tensor | None, labels: Tensor | None):
+    """The fused losses' flat per-token inputs: (mask != 0 as [n] bool or None, labels as [n] or None), each
+    checked against the student's token shape."""
+    lead = student_hidden.shape[:-1]
+    kl_rows = y = None
+    if mask is not None:
+        if mask.shape != lead:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != token shape {tuple(lead)}")
+        kl_rows = mask.reshape(-1) != 0
+    if labels is not None:
+        if labels.shape != lead:
+            raise ValueError(f"hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} are not aligned")
+        y = labels.reshape(-1)
+    return kl_rows, y
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -665,32 +668,19 @@ def topk_kd_loss(student_hidden: Tensor, student_head_weight: Tensor, teacher_to
         raise ValueError("ce_weight > 0 needs labels")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    lead = student_hidden.shape[:-1]
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     n = hs.shape[0]
     dtype = _compute_dtype(student_hidden, student_head_weight, teacher_topk_logprobs)
-    idx = log_q = kl_rows = y = None
+    idx = log_q = None
     if kl_weight:
         idx = teacher_topk_ids.reshape(n, -1).long()
         lt = teacher_topk_logprobs.detach().reshape(n, -1).to(dtype)
         log_q = lt - torch.logsumexp(lt, dim=-1, keepdim=True)
-        if mask is not None:
-            if mask.shape != lead:
-                raise ValueError(f"mask shape {tuple(mask.shape)} != token shape {tuple(lead)}")
-            kl_rows = mask.reshape(-1) != 0
-    if ce_weight:
-        if labels.shape != lead:
-            raise ValueError(f"hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} are not aligned")
-        y = labels.reshape(-1)
+    kl_rows, y = _token_rows(student_hidden, mask if kl_weight else None, labels if ce_weight else None)
     rows = max(1, min(chunk_size, FUSED_BLOCK_ELEMENTS // student_head_weight.shape[0]))
     opts = (float(kl_weight), float(ce_weight), float(temperature), rows, ignore_index, dtype)
     total, kl, ce = _TopKKD.apply(hs, student_head_weight, idx, log_q, kl_rows, y, opts)
-    parts = {}
-    if kl_weight:
-        parts["kl"] = kl
-    if ce_weight:
-        parts["ce"] = ce
-    return total, parts
+    return total, {name: v for name, v, w in (("kl", kl, kl_weight), ("ce", ce, ce_weight)) if w}
 
 
 class _TopKKD(torch.autograd.Function):
