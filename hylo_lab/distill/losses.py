@@ -296,14 +296,9 @@ class _FusedLinearKD(torch.autograd.Function):
                     coef = kl_weight * temp / n_kl  # d(T^2 KL / n) / dz_s = T (.) / n
                     dz = dz.mul_(coef if valid is None else coef * valid[:, None])
             if ce_weight:
-                yc = y[i0:i1]
-                ok = yc != ignore_index
-                lse = torch.logsumexp(zs, dim=-1)
-                picked = zs.gather(1, yc.clamp_min(0)[:, None])[:, 0]
-                ce_sum += ((lse - picked) * ok).sum()
-                if want:
-                    dce = torch.exp(zs - lse[:, None]).mul_((ce_weight / n_ce) * ok.to(dtype)[:, None])
-                    dce.scatter_add_(1, yc.clamp_min(0)[:, None], -(ce_weight / n_ce) * ok.to(dtype)[:, None])
+                part, dce = _ce_block(zs, y[i0:i1], ignore_index, ce_weight / n_ce, dtype, want)
+                ce_sum += part
+                if dce is not None:
                     dz = dce if dz is None else dz.add_(dce)
                     del dce
             del zs
@@ -333,6 +328,20 @@ class _FusedLinearKD(torch.autograd.Function):
         dhs, dws, dbs = ctx.saved_tensors
         out = [None if d is None else (d * grad.to(d.dtype)).to(dt) for d, dt in zip((dhs, dws, dbs), ctx.dtypes)]
         return (*out, None, None, None, None, None, None)
+
+
+def _ce_block(zs: Tensor, labels: Tensor, ignore_index: int, scale, dtype, want: bool):
+    """A block's cross-entropy summed over the rows whose label is not ignore_index, and (want) its gradient
+    w.r.t. the logits zs times `scale`: scale (softmax(zs) - onehot(label)) on those rows, else None."""
+    ok = labels != ignore_index
+    lse = torch.logsumexp(zs, dim=-1)
+    picked = zs.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    total = ((lse - picked) * ok).sum()
+    if not want:
+        return total, None
+    w = scale * ok.to(dtype)[:, None]
+    dce = torch.exp(zs - lse[:, None]).mul_(w)
+    return total, dce.scatter_add_(1, labels.clamp_min(0)[:, None], -w)
 
 
 def _online_step(m: Tensor, s: Tensor, z: Tensor):
@@ -716,14 +725,9 @@ class _TopKKD(torch.autograd.Function):
                     dz = ls.exp_().scatter_add_(1, ic, -q).mul_(coef if valid is None else coef * valid[:, None])
                 del ls, q
             if ce_weight:
-                yc = y[i0:i1]
-                ok = yc != ignore_index
-                lse = torch.logsumexp(zs, dim=-1)
-                picked = zs.gather(1, yc.clamp_min(0)[:, None])[:, 0]
-                ce_sum += ((lse - picked) * ok).sum()
-                if want_h or want_w:
-                    dce = torch.exp(zs - lse[:, None]).mul_((ce_weight / n_ce) * ok.to(dtype)[:, None])
-                    dce.scatter_add_(1, yc.clamp_min(0)[:, None], -(ce_weight / n_ce) * ok.to(dtype)[:, None])
+                part, dce = _ce_block(zs, y[i0:i1], ignore_index, ce_weight / n_ce, dtype, want_h or want_w)
+                ce_sum += part
+                if dce is not None:
                     dz = dce if dz is None else dz.add_(dce)
                     del dce
             del zs
