@@ -5,6 +5,7 @@ that a CUDA graph can capture.
     logits = chunked_prefill(model, ids, cache, chunk_size=16384)   # memory: weights + latents + one chunk
     token = logits.argmax(-1, keepdim=True)
     decoder = GraphDecoder(model, cache)                            # CUDA only; eager `decode_step` elsewhere
+                                                                    # compile=True: torch.compile'd step (fewer kernels)
     tokens = decoder.generate(token, 64)
 
 Prefill runs the model's ordinary forward one fixed-size chunk at a time: linear layers carry their conv and
