@@ -308,15 +308,8 @@ class _FusedLinearKD(torch.autograd.Function):
                 dz = dz.mul_(1 - ts.square())
             if want_b:
                 dbs += dz.sum(0)
-            dz = dz.to(dz_dtype)
-            if want_h:
-                dhs[i0:i1] = _mm(dz, ws, dtype)
-            if want_w:
-                dws += _mm(dz.T, hs[i0:i1], dtype)
-        kl = kl_sum * (temp**2) / n_kl
-        ce = ce_sum / n_ce if ce_weight else torch.zeros((), dtype=dtype, device=dev)
-        total = (kl_weight * kl if kl_weight else 0) + (ce_weight * ce if ce_weight else 0)
-        total = torch.as_tensor(total, dtype=dtype, device=dev)
+            _block_grads(dz.to(dz_dtype), hs, ws, i0, i1, dhs, dws, dtype)
+        total, kl, ce = _totals(kl_sum, ce_sum, n_kl, n_ce, kl_weight, ce_weight, temp)
         ctx.save_for_backward(dhs, dws, dbs)
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
         ctx.mark_non_differentiable(kl, ce)
@@ -328,6 +321,22 @@ class _FusedLinearKD(torch.autograd.Function):
         dhs, dws, dbs = ctx.saved_tensors
         out = [None if d is None else (d * grad.to(d.dtype)).to(dt) for d, dt in zip((dhs, dws, dbs), ctx.dtypes)]
         return (*out, None, None, None, None, None, None)
+
+
+def _block_grads(dz: Tensor, hs: Tensor, ws: Tensor, i0: int, i1: int, dhs, dws, dtype):
+    """Accumulate a block's logit gradient dz [rows, V] into the hidden-state rows i0:i1 and the head weight."""
+    if dhs is not None:
+        dhs[i0:i1] = _mm(dz, ws, dtype)
+    if dws is not None:
+        dws += _mm(dz.T, hs[i0:i1], dtype)
+
+
+def _totals(kl_sum: Tensor, ce_sum: Tensor, n_kl: Tensor, n_ce, kl_weight, ce_weight, temp):
+    """(total, kl, ce) of the fused losses from their sums: kl = T^2 mean KL, ce = mean CE (0 at weight 0)."""
+    kl = kl_sum * (temp**2) / n_kl
+    ce = ce_sum / n_ce if ce_weight else torch.zeros_like(kl_sum)
+    total = (kl_weight * kl if kl_weight else 0) + (ce_weight * ce if ce_weight else 0)
+    return torch.as_tensor(total, dtype=kl_sum.dtype, device=kl_sum.device), kl, ce
 
 
 def _ce_block(zs: Tensor, labels: Tensor, ignore_index: int, scale, dtype, want: bool):
@@ -733,15 +742,8 @@ class _TopKKD(torch.autograd.Function):
             del zs
             if dz is None:
                 continue
-            dz = dz.to(dz_dtype)
-            if want_h:
-                dhs[i0:i1] = _mm(dz, ws, dtype)
-            if want_w:
-                dws += _mm(dz.T, hs[i0:i1], dtype)
-        kl = kl_sum * (temp**2) / n_kl
-        ce = ce_sum / n_ce if ce_weight else torch.zeros((), dtype=dtype, device=dev)
-        total = (kl_weight * kl if kl_weight else 0) + (ce_weight * ce if ce_weight else 0)
-        total = torch.as_tensor(total, dtype=dtype, device=dev)
+            _block_grads(dz.to(dz_dtype), hs, ws, i0, i1, dhs, dws, dtype)
+        total, kl, ce = _totals(kl_sum, ce_sum, n_kl, n_ce, kl_weight, ce_weight, temp)
         ctx.save_for_backward(dhs, dws)
         ctx.dtypes = (hs.dtype, ws.dtype)
         ctx.mark_non_differentiable(kl, ce)
