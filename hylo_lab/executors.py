@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .outputs import atomic_file
 
 
 def _remote_point(task: dict) -> dict:
@@ -67,9 +68,8 @@ def export_result(task: dict, result: dict, results_dir: Path) -> Path:
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{slug(task['key'])}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
     return path
 
 

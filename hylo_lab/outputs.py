@@ -89,13 +89,33 @@ def build_once(final, build, *, marker: str = "done.json", finished=None) -> boo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yields a fresh temporary path beside the file `path` (unique, so writers never share it); on success it is
+    renamed over `path`, so a reader sees the old file or the new one, never half of one; on failure removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _sibling(final: Path) -> Path:
     """A fresh empty folder `.<name>.tmp-*` beside `final`, with the permissions a plain mkdir would give."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the move
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the move
     return tmp
 
 

@@ -73,3 +73,21 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         build_once(final, broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    from hylo_lab.outputs import atomic_file
+
+    target = tmp_path / "a.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    with atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's 0600

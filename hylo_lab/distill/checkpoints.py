@@ -25,6 +25,7 @@ import typing
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import atomic_file
 from .distributed import full_state_dict, load_state, save_pretrained, save_state
 from .stages import Recipe, RecipeError
 
@@ -38,9 +39,8 @@ BOOKKEEPING = ("name", "output_dir", "source_file", "tracking", "toy_world.root"
 
 def write_atomic(path: Path, text: str):
     """Write beside `path`, then rename over it: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------

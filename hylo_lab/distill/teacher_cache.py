@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..outputs import atomic_file
 
 VERSION = 1
 SUFFIX = ".safetensors"
@@ -111,15 +111,10 @@ class TeacherTopKCache:
         key = self.key(input_ids)
         final = self.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.tmp-", dir=final.parent)
-        os.close(fd)
-        try:
+        with atomic_file(final) as tmp:
             save_file({"ids": ids.detach().to(torch.int32).cpu().contiguous(),
-                       "logprobs": logprobs.detach().to(torch.float16).cpu().contiguous()}, tmp, metadata={"key": key})
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+                       "logprobs": logprobs.detach().to(torch.float16).cpu().contiguous()}, str(tmp),
+                      metadata={"key": key})
         return final
 
     def targets(self, input_ids: torch.Tensor, compute) -> tuple[torch.Tensor, torch.Tensor]:
