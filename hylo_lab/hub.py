@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 from pathlib import Path
+
+from .outputs import atomic_file
 
 PACKAGE = "hylo_lab"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -115,7 +116,6 @@ def write_remote_code(directory) -> list[Path]:
 
 
 def _replace(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -129,7 +129,9 @@ def test_another_teacher_k_or_temperature_misses(tmp_path):
     on_disk = tc.teacher_fingerprint(teacher, str(tmp_path / "t"))
     weights = tmp_path / "t" / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert tc.teacher_fingerprint(teacher, str(tmp_path / "t")) != on_disk  # a rewritten checkpoint
+    rewritten = tc.teacher_fingerprint(teacher, str(tmp_path / "t"))
+    assert rewritten != on_disk  # a rewritten checkpoint
+    assert tc.teacher_fingerprint(teacher.to("meta"), str(tmp_path / "t")) != rewritten  # another device
 
 
 def kd_recipe(world, out, **stage):  # noqa: F811

@@ -2,10 +2,11 @@
 
     <root>/<key[:2]>/<key>.safetensors    ids int32 [B, T, k], logprobs float16 [B, T, k]
 key = sha256(VERSION, teacher fingerprint, k, temperature, the batch's token ids: dtype, shape and bytes)
-teacher fingerprint = sha256(its config without transformers_version, its parameters' dtype, its weights: the files
-of its directory as names, sizes and mtimes (demo.stage_cache._local_stat) when it has one, else the bytes of its
-state dict). ids are the teacher's k most likely next tokens, descending; logprobs its log softmax(z / T) over the
-whole vocabulary at those ids, rounded to float16 whether read or computed, so a hit and a miss give the same loss.
+teacher fingerprint = sha256(its config without transformers_version, its parameters' dtype and device type (a GPU
+rounds differently from the CPU), its weights: the files of its directory as names, sizes and mtimes
+(demo.stage_cache._local_stat) when it has one, else the bytes of its state dict). ids are the teacher's k most
+likely next tokens, descending; logprobs its log softmax(z / T) over the whole vocabulary at those ids, rounded to
+float16 whether read or computed, so a hit and a miss give the same loss.
 
 A file is written beside its final name and renamed over it, so it is whole or absent; one that does not load, or
 whose key, shapes or dtypes are not this batch's, is a miss and is rewritten. A hit skips the teacher forward.
@@ -29,14 +30,16 @@ SUFFIX = ".safetensors"
 
 
 def teacher_fingerprint(teacher, path: str | None = None) -> str:
-    """What makes a teacher's targets: config, dtype, weights (path + mtimes when it has a directory, else bytes)."""
+    """What makes a teacher's targets: config, dtype, device type, weights (path + mtimes when it has a directory,
+    else bytes)."""
     from ..demo.stage_cache import _local_stat
     from .stages import expand
 
     config = teacher.config.to_dict()
     config.pop("transformers_version", None)
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    h.update(str(next(teacher.parameters()).dtype).encode())
+    first = next(teacher.parameters())
+    h.update(f"{first.dtype} {first.device.type}".encode())
     if path is not None and Path(expand(path)).exists():
         h.update(_local_stat(path).encode())
     else:
