@@ -11,7 +11,8 @@
 #   TCACHE: a tcache.tar.gz from an earlier call's $OUT (triton's autotune results: saves the minutes fla
 #     autotunes, which on 2026-12-06 took more than 100 s of every fresh process); packed back into $OUT each call.
 #   DISTILL_ONLY (losses | student | step), DISTILL_S (its wall budget; default: what is left), KERNEL_CHECKS (comma-separated), LC_LENGTHS (default "8K 128K 512K"),
-#   LC_COMPILE=1 (also the decode step under torch.compile).
+#   LC_VARIANTS (decode-step variants of the long_context step, each its own run and folder lc_<variant>: plain,
+#     pack (--pack-decode), compile (--compile-decode), pack+compile; default "plain"; LC_COMPILE=1 adds compile).
 set -u
 START=$(date +%s)
 OUT=${OUT:-/tmp/gpu_out}
@@ -60,17 +61,17 @@ step_decode() {
   timeout $(cap 90) python3 benchmarks/mla_decode_check.py --out "$R" >>"$LOG" 2>&1 || say "mla_decode_check exit $?"
 }
 step_long() {
-  say "long_context 1B hybrids, triton MLA decode"
-  T=$(cap 110); timeout $T python3 benchmarks/long_context.py --out "$R/lc" --fresh --budget-s $(( T - 15 )) \
-    --models llama3.2-1b/4MLA12GDN llama3.2-1b/4MLA12M2 --lengths ${LC_LENGTHS:-8K 128K 512K} >>"$LOG" 2>&1 \
-    || say "long_context exit $?"
-  if [ "${LC_COMPILE:-0}" = 1 ]; then
-    say "long_context 1B hybrids, decode step under torch.compile"
-    T=$(cap 150); timeout $T python3 benchmarks/long_context.py --out "$R/lcc" --fresh --budget-s $(( T - 20 )) \
-      --compile-decode \
-      --models llama3.2-1b/4MLA12GDN llama3.2-1b/4MLA12M2 --lengths ${LC_LENGTHS:-8K 128K 512K} >>"$LOG" 2>&1 \
-      || say "long_context compile exit $?"
-  fi
+  local variants=${LC_VARIANTS:-plain}
+  [ "${LC_COMPILE:-0}" = 1 ] && variants="$variants compile"
+  for v in $variants; do
+    local flags=""
+    case $v in *pack*) flags="$flags --pack-decode";; esac
+    case $v in *compile*) flags="$flags --compile-decode";; esac
+    say "long_context 1B hybrids, decode step: $v"
+    T=$(cap 150); timeout $T python3 benchmarks/long_context.py --out "$R/lc_$v" --fresh --budget-s $(( T - 20 )) \
+      $flags --models llama3.2-1b/4MLA12GDN llama3.2-1b/4MLA12M2 --lengths ${LC_LENGTHS:-8K 128K 512K} \
+      >>"$LOG" 2>&1 || say "long_context ($v) exit $?"
+  done
 }
 step_kernels() {
   say "kernel_check"

@@ -19,6 +19,8 @@ The baseline is not run past its first out-of-memory length. Lengths are resumab
 OUT's JSON as it finishes and a later call keeps the ok / oom rows already there (--fresh starts over), so
 lengths beyond one 10-minute call are measured over several calls (--models / --lengths pick the work).
 MLA decode uses ops.mla_decode's Triton split-K kernel on CUDA (--decode-backend torch: the PyTorch reference).
+--compile-decode: the decode step under torch.compile before capture; --pack-decode: GDN's input projections and
+short convs as one kernel each per step (inference.pack_decode_projections).
 
     PYTHONPATH=. python benchmarks/long_context.py --out benchmarks/results --budget-s 420     # H100
     PYTHONPATH=. python benchmarks/long_context.py --smoke --out /tmp/lc                      # tiny, CPU
@@ -42,7 +44,7 @@ import torch
 
 from hylo_lab import HyloConfig
 from hylo_lab.cache import cache_footprint
-from hylo_lab.inference import GraphDecoder, allocate_cache, chunked_prefill, decode_step
+from hylo_lab.inference import GraphDecoder, allocate_cache, chunked_prefill, decode_step, pack_decode_projections
 from hylo_lab.model import HyloForCausalLM
 
 K = 1024
@@ -245,7 +247,8 @@ class Bench:
         self.meta = dict(device=torch.cuda.get_device_name() if self.device.type == "cuda" else platform.processor() or "cpu",
                          torch=torch.__version__, dtype=str(self.dtype), chunk=args.chunk, smoke=args.smoke,
                          eager_steps=args.eager_steps, graph_steps=args.graph_steps,
-                         decode_backend=args.decode_backend)
+                         decode_backend=args.decode_backend, compile_decode=args.compile_decode,
+                         pack_decode=args.pack_decode)
         try:
             import transformers
             self.meta["transformers"] = transformers.__version__
@@ -296,9 +299,11 @@ class Bench:
                     free(self.device)
                     model, model_name = build(name, self.args.smoke, self.device, self.dtype,
                                               self.args.decode_backend), name
+                    packed = pack_decode_projections(model) if self.args.pack_decode else 0
                     self.warmup(name, model)
                 row = dict(model=name, length=L, status="ok", decode_backend=self.args.decode_backend,
-                           compile_decode=self.args.compile_decode)
+                           compile_decode=self.args.compile_decode, pack_decode=self.args.pack_decode,
+                           packed_bytes=packed)
                 try:
                     fn = run_baseline if name == BASELINE else run_hybrid
                     row.update(fn(model, L, self.args, self.device, gen))
@@ -348,6 +353,9 @@ class Bench:
     def markdown(self):
         lines = [f"# long-context inference ({self.meta['device']}, {self.meta['dtype']}, prefill chunk "
                  f"{self.meta['chunk']}, smoke={self.meta['smoke']})", ""]
+        step = [k for k in ("compile_decode", "pack_decode") if self.meta.get(k)]
+        lines += [f"Decode step: MLA decode backend {self.meta.get('decode_backend', 'auto')}"
+                  f"{''.join(', ' + k.replace('_', ' ') for k in step)}.", ""]
         bw = self.meta.get("copy_bandwidth_bytes_per_s")
         if bw:
             lines += [f"Measured copy bandwidth: {bw / 1e12:.2f} TB/s (read + write).", ""]
@@ -430,6 +438,9 @@ if __name__ == "__main__":
                    if s[-1] in "kKmM" else int(s), help="only these lengths (8K, 512K, 2M or plain tokens)")
     p.add_argument("--compile-decode", action="store_true",
                    help="torch.compile the decode step before capturing it in the CUDA graph")
+    p.add_argument("--pack-decode", action="store_true",
+                   help="GDN decode reads its six input projections as one stacked matrix and runs one short conv "
+                        "(inference.pack_decode_projections; the copy is in packed_bytes and the peak memory)")
     p.add_argument("--decode-backend", default="auto", choices=("auto", "torch", "triton"),
                    help="MLA decode: the Triton split-K kernel where it can run (auto), or the PyTorch reference")
     a = p.parse_args()

@@ -6,6 +6,7 @@ that a CUDA graph can capture.
     token = logits.argmax(-1, keepdim=True)
     decoder = GraphDecoder(model, cache)                            # CUDA only; eager `decode_step` elsewhere
                                                                     # compile=True: torch.compile'd step (fewer kernels)
+    pack_decode_projections(model)    # optional: GDN's input projections and convs as one kernel each per step
     tokens = decoder.generate(token, 64)
 
 Prefill runs the model's ordinary forward one fixed-size chunk at a time: linear layers carry their conv and
@@ -51,6 +52,23 @@ def chunked_prefill(model, input_ids, cache: HyloCache, chunk_size: int = 16384)
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None].expand(B, -1)
         h = model.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).last_hidden_state
     return model.lm_head(h[:, -1]).float()
+
+
+def pack_decode_projections(model, enable: bool = True) -> int:
+    """Decode steps into a static cache read each Gated DeltaNet layer's six input projections as one stacked
+    matrix and run its three short convs as one (fewer kernels per step; a step is launch-bound). Costs a copy
+    of those weights, built here and rebuilt when a weight changes; returns its size in bytes (0 when off or
+    when the model has no such layer). Same arithmetic per output row as the unpacked step."""
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "packed_decode"):
+            module.packed_decode = enable
+            if enable:
+                module.packed_weights()
+            else:
+                module._packed = None
+            total += module.packed_nbytes
+    return total
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ import torch
 from conftest import tiny_config
 from hylo_lab import HyloConfig  # noqa: F401  (registers the model type)
 from hylo_lab.cache import HyloCache, MLAState
-from hylo_lab.inference import GraphDecoder, allocate_cache, chunked_prefill, decode_step, greedy_decode
+from hylo_lab.inference import (GraphDecoder, allocate_cache, chunked_prefill, decode_step, greedy_decode,
+                                pack_decode_projections)
 from hylo_lab.model import HyloForCausalLM
 
 TOL = 1e-4
@@ -95,11 +96,63 @@ def test_default_cache_generation_matches_static_decode():
     assert torch.equal(greedy_decode(model, first, static, 4), torch.cat(dyn, 1))
 
 
+def decode_logits(model, ids, T, steps=4):
+    """Prefill ids[:, :T], then teacher-forced static decode steps: their logits [steps, B, vocab]."""
+    cache = allocate_cache(model, batch_size=ids.shape[0], max_length=T + steps)
+    chunked_prefill(model, ids[:, :T], cache, chunk_size=7)
+    return torch.stack([decode_step(model, ids[:, T + i:T + i + 1], cache) for i in range(steps)])
+
+
+def kernel_ops(fn):
+    """How many non-view aten ops `fn` dispatches (each launches a kernel on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+@pytest.mark.parametrize("overrides", [{}, {"gdn_use_gate": False}, {"gdn_use_short_conv": False}],
+                         ids=["gate+conv", "no_gate", "no_conv"])
+def test_packed_gdn_decode_equals_unpacked_in_float64(overrides):
+    """pack_decode_projections: one stacked projection and one short conv per GDN decode step give the unpacked
+    step's logits (float64, 1e-12) with fewer kernels, and the copy is rebuilt when a weight changes in place."""
+    torch.manual_seed(0)
+    cfg = tiny_config(mixers=("gdn", "mla", "gdn"), chunk_size=8, initializer_range=0.1, **overrides)
+    model = HyloForCausalLM(cfg).to(torch.float64).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 21))
+    ref = decode_logits(model, ids, 17)
+    unpacked_ops = kernel_ops(lambda: decode_logits(model, ids, 17, steps=1))
+    nbytes = pack_decode_projections(model)
+    gdn = [m for m in model.modules() if hasattr(m, "packed_decode")]
+    assert nbytes == sum(m.packed_nbytes for m in gdn) > 0
+    torch.testing.assert_close(decode_logits(model, ids, 17), ref, rtol=0, atol=1e-12)
+    packed_ops = kernel_ops(lambda: decode_logits(model, ids, 17, steps=1))
+    saved = 5 + (1 if cfg.gdn_use_gate else 0) + (6 if cfg.gdn_use_short_conv else 0)  # 2 GDN layers
+    assert packed_ops <= unpacked_ops - saved, (packed_ops, unpacked_ops)
+    with torch.no_grad():
+        gdn[1].v_proj.weight.mul_(1.5)  # an in-place update: the packed copy must follow it
+    packed = decode_logits(model, ids, 17)
+    assert pack_decode_projections(model, enable=False) == 0 and gdn[1]._packed is None
+    torch.testing.assert_close(packed, decode_logits(model, ids, 17), rtol=0, atol=1e-12)
+    assert (packed - ref).abs().max() > 1e-3  # the update did change the logits
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_decode_equals_eager(compile):
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
+def test_cuda_graph_decode_equals_eager(compile, pack):
     model = tiny_model(dtype=torch.float32, device="cuda")
+    pack_decode_projections(model, enable=pack)
     ids = torch.randint(0, model.config.vocab_size, (1, 50), device="cuda")
     eager_cache = allocate_cache(model, 1, 64)
     first = chunked_prefill(model, ids, eager_cache, chunk_size=16).argmax(-1, keepdim=True)
@@ -114,8 +167,10 @@ def test_benchmark_smoke_modes_run(tmp_path):
     scripts run side by side: ~5 s of CPU each)."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    extra = {"kernel_check": [], "long_context": ["--pack-decode"]}
     procs = {name: subprocess.Popen([sys.executable, str(root / "benchmarks" / f"{name}.py"), "--smoke", "--out",
-                                     str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     str(tmp_path), *extra[name]], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
              for name in ("kernel_check", "long_context")}
     for name, p in procs.items():
         log = p.communicate(timeout=120)[0].decode()
@@ -125,6 +180,7 @@ def test_benchmark_smoke_modes_run(tmp_path):
     assert rows and all(r.get("pass") for r in rows), [r for r in rows if not r.get("pass")]
     rows = json.loads((tmp_path / "long_context.json").read_text())["rows"]
     assert {r["status"] for r in rows} == {"ok"} and (tmp_path / "long_context.png").exists()
+    assert all(r["pack_decode"] for r in rows) and any(r["packed_bytes"] > 0 for r in rows)
 
 
 def test_long_context_benchmark_resumes_per_length(tmp_path):

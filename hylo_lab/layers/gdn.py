@@ -88,6 +88,8 @@ class GatedDeltaNet(nn.Module):
         else:
             self.o_norm = RMSNorm(self.head_v_dim, eps=config.gdn_norm_eps)
         self.o_proj = nn.Linear(self.value_dim, D, bias=False)
+        self.packed_decode = False  # inference.pack_decode_projections turns it on
+        self._packed = None
         self.reset_parameters_hylo()
 
     @torch.no_grad()
@@ -142,23 +144,16 @@ class GatedDeltaNet(nn.Module):
         mask = padding_mask(attention_mask, T)
         x = hidden_states if mask is None else hidden_states * mask.to(hidden_states.dtype)
 
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            convs = {}
-            for name, t in zip(CONV_NAMES, (q, k, v)):
-                conv = getattr(self, name)
-                prev = state.conv.get(name) if state is not None else None
-                convs[name] = causal_conv1d(t, conv.weight, conv.bias, state=prev, activation="silu")
-            (q, cq), (k, ck), (v, cv) = convs.values()
-        else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        packed = (self.packed_decode and T == 1 and mask is None and state is not None and state.static
+                  and not torch.is_grad_enabled())
+        q, k, v, a, b, gate = (self._packed_inputs if packed else self._inputs)(x, state)
         q = q.view(Bsz, T, self.num_heads, self.head_k_dim)
         k = k.view(Bsz, T, self.num_heads, self.head_k_dim)
         v = v.view(Bsz, T, self.num_heads, self.head_v_dim)
 
         acc = torch.promote_types(x.dtype, torch.float32)  # gates in float32 (float64 stays float64)
-        g = -self.A_log.to(acc).exp() * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
-        beta = self.b_proj(x).to(acc).sigmoid()
+        g = -self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias.to(acc))
+        beta = b.to(acc).sigmoid()
         if mask is not None:  # decay 1 and no write at padded positions
             g = g * mask.to(g.dtype)
             beta = beta * mask.to(beta.dtype)
@@ -168,14 +163,71 @@ class GatedDeltaNet(nn.Module):
             output_final_state=state is not None, use_qk_l2norm=True, chunk_size=self.chunk_size,
             backend=self.kernel_backend)
         if state is not None:
-            if self.use_short_conv:
-                for name, tail in zip(CONV_NAMES, (cq, ck, cv)):
-                    state.set_conv(name, tail)
             state.set_recurrent(final)
 
         if self.use_gate:
-            gate = self.g_proj(x).view(Bsz, T, self.num_heads, self.head_v_dim)
-            o = self.o_norm(o, gate)
+            o = self.o_norm(o, gate.view(Bsz, T, self.num_heads, self.head_v_dim))
         else:
             o = self.o_norm(o)
         return self.o_proj(o.reshape(Bsz, T, self.value_dim))
+
+    def _inputs(self, x, state):
+        """q, k, v after the short convs (tails written to `state`), the decay and beta pre-activations, the
+        output gate (None without one): one projection per weight."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            out = []
+            for name, t in zip(CONV_NAMES, (q, k, v)):
+                conv = getattr(self, name)
+                y, tail = causal_conv1d(t, conv.weight, conv.bias, state=state.conv.get(name) if state is not None else None,
+                                        activation="silu")
+                if state is not None:
+                    state.set_conv(name, tail)
+                out.append(y)
+            q, k, v = out
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        return q, k, v, self.a_proj(x), self.b_proj(x), self.g_proj(x) if self.use_gate else None
+
+    def _packed_inputs(self, x, state):
+        """`_inputs` for one decode token into a static cache: one matrix-vector product over the six projection
+        weights stacked, one short-conv step over the three convs' channels side by side (same arithmetic per
+        output row; a decode step is launch-bound, so fewer, larger kernels)."""
+        w, conv_w, conv_b = self.packed_weights()
+        sizes = [self.key_dim, self.key_dim, self.value_dim, self.num_heads, self.num_heads]
+        sizes += [self.value_dim] if self.use_gate else []
+        qkv_end = 2 * self.key_dim + self.value_dim
+        z = F.linear(x, w)
+        qkv = z[..., :qkv_end]
+        if self.use_short_conv:
+            prev = torch.cat([state.conv[name] for name in CONV_NAMES], dim=1)
+            qkv, tail = causal_conv1d(qkv, conv_w, conv_b, state=prev, activation="silu")
+            for name, t in zip(CONV_NAMES, tail.split(sizes[:3], dim=1)):
+                state.set_conv(name, t)
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.split(sizes[:3], dim=-1)
+        a, b, *gate = z[..., qkv_end:].split(sizes[3:], dim=-1)
+        return q, k, v, a, b, gate[0] if gate else None
+
+    def packed_weights(self):
+        """The projection weights stacked [q; k; v; a; b (; g)] and the conv weights / biases side by side, built
+        once and rebuilt only when a weight changes (moved, replaced or updated in place): a copy of the
+        projections (`packed_nbytes`) while `packed_decode` is on."""
+        projs = [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj] + ([self.g_proj] if self.use_gate
+                                                                                     else [])
+        convs = [getattr(self, name) for name in CONV_NAMES] if self.use_short_conv else []
+        params = [m.weight for m in projs] + [p for c in convs for p in (c.weight, c.bias) if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if getattr(self, "_packed", None) is None or self._packed[0] != key:
+            with torch.no_grad():
+                w = torch.cat([m.weight for m in projs])
+                conv_w = torch.cat([c.weight.squeeze(1) for c in convs]) if convs else None
+                conv_b = torch.cat([c.bias for c in convs]) if convs and convs[0].bias is not None else None
+            self._packed = (key, w, conv_w, conv_b)
+        return self._packed[1:]
+
+    @property
+    def packed_nbytes(self) -> int:
+        packed = getattr(self, "_packed", None)
+        return sum(t.numel() * t.element_size() for t in packed[1:] if t is not None) if packed else 0
