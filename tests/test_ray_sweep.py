@@ -65,8 +65,9 @@ def wait_for(check, timeout, what):
 @pytest.fixture
 def cluster(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0",
-               RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
-               RAY_health_check_failure_threshold="3", RAY_health_check_initial_delay_ms="1000")
+               # a killed node is declared dead within ~15 s, a starved live one (CI's 2 busy cores) is not
+               RAY_health_check_period_ms="3000", RAY_health_check_timeout_ms="3000",
+               RAY_health_check_failure_threshold="5", RAY_health_check_initial_delay_ms="1000")
     ray_port, mlflow_port = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix sockets live under it
     common = ["--num-cpus", "1", "--object-store-memory", str(80 * 2**20), "--node-ip-address", "127.0.0.1"]
@@ -74,9 +75,16 @@ def cluster(tmp_path):
     try:
         subprocess.run([BIN / "ray", "start", "--head", "--port", str(ray_port), "--temp-dir", temp,
                         "--include-dashboard", "false", *common], env=env, check=True, capture_output=True, timeout=120)
-        worker = subprocess.Popen([BIN / "ray", "start", "--address", f"127.0.0.1:{ray_port}", "--block", *common],
-                                  env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(worker)
+        worker_log = tmp_path / "ray_worker.log"
+
+        def start_worker():
+            with open(worker_log, "a") as log:
+                proc = subprocess.Popen([BIN / "ray", "start", "--address", f"127.0.0.1:{ray_port}", "--block",
+                                         *common], env=env, start_new_session=True, stdout=log, stderr=log)
+            started.append(proc)
+            return proc
+
+        worker = start_worker()
         server = subprocess.Popen([BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
                                    "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
                                    "--port", str(mlflow_port), "--workers", "1"],
@@ -91,12 +99,26 @@ def cluster(tmp_path):
                 return False
 
         def two_nodes():
-            out = subprocess.run([BIN / "ray", "status", "--address", f"127.0.0.1:{ray_port}"], env=env,
-                                 capture_output=True, text=True, timeout=60).stdout
-            return "2.0 CPU" in out or "0.0/2.0 CPU" in out
+            try:
+                out = subprocess.run([BIN / "ray", "status", "--address", f"127.0.0.1:{ray_port}"], env=env,
+                                     capture_output=True, text=True, timeout=60).stdout
+            except subprocess.TimeoutExpired:
+                return False
+            return "2.0 CPU" in out
 
         wait_for(server_up, 120, "the MLflow server")
-        wait_for(two_nodes, 300, "the Ray worker node to join")  # slow on a loaded 2-core machine
+        for attempt in range(3):  # slow on a loaded 2-core machine; a worker that died or never joined is replaced
+            try:
+                wait_for(lambda: two_nodes() or worker.poll() is not None, 200, "the Ray worker node to join")
+                if worker.poll() is None:
+                    break
+            except AssertionError:
+                if attempt == 2:
+                    raise AssertionError(f"the Ray worker node never joined; its log:\n{worker_log.read_text()[-3000:]}")
+            kill_tree(worker)
+            worker = start_worker()
+        else:
+            raise AssertionError(f"the Ray worker node exited three times; its log:\n{worker_log.read_text()[-3000:]}")
         yield dict(address=f"127.0.0.1:{ray_port}", uri=uri, worker=worker, env=env)
     finally:
         subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
