@@ -114,7 +114,8 @@ def cluster(tmp_path):
                     break
             except AssertionError:
                 if attempt == 2:
-                    raise AssertionError(f"the Ray worker node never joined; its log:\n{worker_log.read_text()[-3000:]}")
+                    log = worker_log.read_text()[-3000:]
+                    raise AssertionError(f"the Ray worker node never joined; its log:\n{log}") from None
             kill_tree(worker)
             worker = start_worker()
         else:
@@ -131,8 +132,8 @@ def test_ray_sweep_with_a_worker_killed_mid_point_stays_consistent_and_a_rerun_c
     import mlflow
 
     gate = tmp_path / "gate"  # points wait for it: two stay running until the worker is killed
-    spec = dict(name="ray_tiny", notebook=str(NOTEBOOK), experiment="ray_sweep", fixed={"scale": 0.5, "gate": str(gate)},
-                grid={"x": [1, 2, 3]}, metrics=["score", "eval/niah/*"])
+    spec = dict(name="ray_tiny", notebook=str(NOTEBOOK), experiment="ray_sweep",
+                fixed={"scale": 0.5, "gate": str(gate)}, grid={"x": [1, 2, 3]}, metrics=["score", "eval/niah/*"])
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     out, uri = tmp_path / "out", cluster["uri"]

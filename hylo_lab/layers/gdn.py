@@ -179,8 +179,8 @@ class GatedDeltaNet(nn.Module):
             out = []
             for name, t in zip(CONV_NAMES, (q, k, v)):
                 conv = getattr(self, name)
-                y, tail = causal_conv1d(t, conv.weight, conv.bias, state=state.conv.get(name) if state is not None else None,
-                                        activation="silu")
+                prev = state.conv.get(name) if state is not None else None
+                y, tail = causal_conv1d(t, conv.weight, conv.bias, state=prev, activation="silu")
                 if state is not None:
                     state.set_conv(name, tail)
                 out.append(y)
@@ -214,8 +214,8 @@ class GatedDeltaNet(nn.Module):
         """The projection weights stacked [q; k; v; a; b (; g)] and the conv weights / biases side by side, built
         once and rebuilt only when a weight changes (moved, replaced or updated in place): a copy of the
         projections (`packed_nbytes`) while `packed_decode` is on."""
-        projs = [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj] + ([self.g_proj] if self.use_gate
-                                                                                     else [])
+        projs = [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj]
+        projs += [self.g_proj] if self.use_gate else []
         convs = [getattr(self, name) for name in CONV_NAMES] if self.use_short_conv else []
         params = [m.weight for m in projs] + [p for c in convs for p in (c.weight, c.bias) if p is not None]
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
