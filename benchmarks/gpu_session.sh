@@ -6,40 +6,42 @@
 # Environment: TOTAL_S (wall budget, default 570); STEPS (space-separated subset of: tests decode long kernels
 #   distill; default all); LABEL (a note on the software stack); the carried packages, either
 #   SITE_TAR: one .tar.xz of an unpacked site-packages (fla + fla-core + liger-kernel + tilelang with its deps and
-#     z3's library: 39 MB, how to build it in benchmarks/gpu_site.txt), unpacked to /tmp/site, or
+#     z3's library: 39 MB, how to build it in benchmarks/gpu_site.txt), unpacked to $GPU_WORK/site, or
 #   WHEEL_DIR (wheels, default .whl) and Z3=1 (tilelang's z3 from .whl_z3 too);
 #   TCACHE: a tcache.tar.gz from an earlier call's $OUT (triton's autotune results: saves the minutes fla
 #     autotunes, which on 2026-12-06 took more than 100 s of every fresh process); packed back into $OUT each call.
-#   DISTILL_ONLY (losses | student | step), DISTILL_S (its wall budget; default: what is left), KERNEL_CHECKS (comma-separated), LC_LENGTHS (default "8K 128K 512K"),
+#   DISTILL_ONLY (losses | student | step), DISTILL_S (its wall budget; default: what is left), KERNEL_CHECKS
+#   (comma-separated), LC_LENGTHS (default "8K 128K 512K"), GPU_WORK (scratch folder, default /tmp), OUT;
 #   LC_VARIANTS (decode-step variants of the long_context step, each its own run and folder lc_<variant>: plain,
 #     pack (--pack-decode), compile (--compile-decode), pack+compile; default "plain"; LC_COMPILE=1 adds compile).
 set -u
 START=$(date +%s)
 OUT=${OUT:-/tmp/gpu_out}
-R=/tmp/gpu_work/results  # packed into $OUT/results.tar.gz at exit: $OUT then holds three files
+W=${GPU_WORK:-/tmp}  # scratch: gpu_work/results, site (unpacked packages), tcache (triton's cache)
+R=$W/gpu_work/results  # packed into $OUT/results.tar.gz at exit: $OUT then holds three files
 mkdir -p "$R" "$OUT"
 LOG="$OUT/log.txt"
 say() { echo "[gpu_session +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
-pack() { cp "$LOG" "$R/"; tar -czf "$OUT/results.tar.gz" -C /tmp/gpu_work results; }
+pack() { cp "$LOG" "$R/"; tar -czf "$OUT/results.tar.gz" -C "$W/gpu_work" results; }
 pack_cache() {  # triton's autotune results only (kilobytes; the compiled kernels are tens of MB): a later call
   # restored from them compiles each kernel's chosen config once instead of benchmarking every config again
-  [ -d /tmp/tcache ] && (cd /tmp && find tcache -name '*.autotune.json' | tar -czf "$OUT/tcache.tar.gz" -T -) \
+  [ -d "$W/tcache" ] && (cd "$W" && find tcache -name '*.autotune.json' | tar -czf "$OUT/tcache.tar.gz" -T -) \
     && [ "$(stat -c %s "$OUT/tcache.tar.gz")" -lt 16000000 ] || rm -f "$OUT/tcache.tar.gz"; }
 trap 'pack; pack_cache' EXIT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TRITON_CACHE_DIR=/tmp/tcache
-mkdir -p /tmp/site /tmp/tcache
-[ -n "${TCACHE:-}" ] && [ -f "$TCACHE" ] && tar -xzf "$TCACHE" -C /tmp && say "triton cache restored"
+export TRITON_CACHE_DIR=$W/tcache
+mkdir -p "$W/site" "$W/tcache"
+[ -n "${TCACHE:-}" ] && [ -f "$TCACHE" ] && tar -xzf "$TCACHE" -C "$W" && say "triton cache restored"
 if [ -n "${SITE_TAR:-}" ]; then
-  tar -xJf "$SITE_TAR" -C /tmp/site >>"$LOG" 2>&1 && say "site unpacked" || say "site unpack failed"
-  [ -d /tmp/site/z3/lib ] && export LD_LIBRARY_PATH="/tmp/site/z3/lib:${LD_LIBRARY_PATH:-}"
+  tar -xJf "$SITE_TAR" -C "$W/site" >>"$LOG" 2>&1 && say "site unpacked" || say "site unpack failed"
+  [ -d "$W/site/z3/lib" ] && export LD_LIBRARY_PATH="$W/site/z3/lib:${LD_LIBRARY_PATH:-}"
 else
   WHEELS=$(ls ${WHEEL_DIR:-.whl}/*.whl 2>/dev/null; [ "${Z3:-0}" = 1 ] && ls .whl_z3/*.whl 2>/dev/null)
   [ -n "$WHEELS" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site $WHEELS >>"$LOG" 2>&1 || say "wheel install failed or no wheels"
-  [ "${Z3:-0}" = 1 ] && export LD_LIBRARY_PATH="/tmp/site/z3/lib:${LD_LIBRARY_PATH:-}"
+    --target "$W/site" $WHEELS >>"$LOG" 2>&1 || say "wheel install failed or no wheels"
+  [ "${Z3:-0}" = 1 ] && export LD_LIBRARY_PATH="$W/site/z3/lib:${LD_LIBRARY_PATH:-}"
 fi
-export PYTHONPATH="$PWD:/tmp/site"
+export PYTHONPATH="$PWD:$W/site"
 python3 -c "
 from hylo_lab.ops import dispatch
 for m in ('fla', 'tilelang', 'liger_kernel'):
