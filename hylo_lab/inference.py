@@ -59,16 +59,7 @@ def pack_decode_projections(model, enable: bool = True) -> int:
     matrix and run its three short convs as one (fewer kernels per step; a step is launch-bound). Costs a copy
     of those weights, built here and rebuilt when a weight changes; returns its size in bytes (0 when off or
     when the model has no such layer). Same arithmetic per output row as the unpacked step."""
-    total = 0
-    for module in model.modules():
-        if hasattr(module, "packed_decode"):
-            module.packed_decode = enable
-            if enable:
-                module.packed_weights()
-            else:
-                module._packed = None
-            total += module.packed_nbytes
-    return total
+    return sum(m.set_packed_decode(enable) for m in model.modules() if hasattr(m, "set_packed_decode"))
 
 
 @torch.no_grad()

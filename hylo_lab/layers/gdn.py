@@ -88,7 +88,7 @@ class GatedDeltaNet(nn.Module):
         else:
             self.o_norm = RMSNorm(self.head_v_dim, eps=config.gdn_norm_eps)
         self.o_proj = nn.Linear(self.value_dim, D, bias=False)
-        self.packed_decode = False  # inference.pack_decode_projections turns it on
+        self.packed_decode = False  # set_packed_decode (inference.pack_decode_projections) turns it on
         self._packed = None
         self.reset_parameters_hylo()
 
@@ -219,7 +219,7 @@ class GatedDeltaNet(nn.Module):
         convs = [getattr(self, name) for name in CONV_NAMES] if self.use_short_conv else []
         params = [m.weight for m in projs] + [p for c in convs for p in (c.weight, c.bias) if p is not None]
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if getattr(self, "_packed", None) is None or self._packed[0] != key:
+        if self._packed is None or self._packed[0] != key:
             with torch.no_grad():
                 w = torch.cat([m.weight for m in projs])
                 conv_w = torch.cat([c.weight.squeeze(1) for c in convs]) if convs else None
@@ -227,7 +227,15 @@ class GatedDeltaNet(nn.Module):
             self._packed = (key, w, conv_w, conv_b)
         return self._packed[1:]
 
+    def set_packed_decode(self, enable: bool) -> int:
+        """Turn the packed decode step on (the stacked copy built now) or off (the copy dropped); its bytes."""
+        self.packed_decode = enable
+        if enable:
+            self.packed_weights()
+        else:
+            self._packed = None
+        return self.packed_nbytes
+
     @property
     def packed_nbytes(self) -> int:
-        packed = getattr(self, "_packed", None)
-        return sum(t.numel() * t.element_size() for t in packed[1:] if t is not None) if packed else 0
+        return sum(t.numel() * t.element_size() for t in self._packed[1:] if t is not None) if self._packed else 0
